@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine; each bootstraps .venv on first use.
+#   make validate   the main job (see README)
+#   make test       the test suite (CI runs this)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fluxkit-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: validate test clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: an unpinned resolve would fetch a multi-GB CUDA build from PyPI
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m ipykernel install --prefix $(VENV) --name fluxkit --display-name "fluxkit" >/dev/null
+	touch $@
+
+validate: $(STAMP)
+	$(VENV)/bin/fluxkit generate --prompt "manic scientist, blue spiked hair, white lab coat" --seed 0 --out reports/validate.png
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV)

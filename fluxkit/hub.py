@@ -1,0 +1,127 @@
+"""Where weights come from: a local folder, the local Hugging Face cache, or (only when asked) the Hub.
+
+Loading never touches the network. `download` is the one function that does, and it fetches only
+the diffusers folders of the repository, not the 23 GB single-file checkpoint that sits beside them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VortexInitializationError
+from .synthetic import ensure_synthetic, read_marker
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+# The diffusers layout only: configs, tokenizers and safetensors in the component folders.
+DOWNLOAD_PATTERNS = ["model_index.json"] + [
+    f"{folder}/{pattern}" for folder in COMPONENT_FOLDERS
+    for pattern in ("*.json", "*.safetensors", "*.txt", "*.model")]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved checkpoint folder and what it is, for reports."""
+
+    path: Path
+    model_id: str
+    revision: str | None
+    synthetic: dict | None
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.synthetic is not None
+
+    def describe(self) -> str:
+        if self.synthetic:
+            return f"synthetic {self.synthetic['preset']} (seed {self.synthetic['seed']}, random weights)"
+        return f"{self.model_id}@{self.revision}" if self.revision else str(self.path)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "model_id": self.model_id, "revision": self.revision,
+                "synthetic": self.synthetic, "description": self.describe()}
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def resolve_model(model: str | os.PathLike, revision: str | None = None) -> ModelSource:
+    """Resolve `model` without any network access.
+
+    `model` is a folder, a Hub id looked up in the local cache only, `synthetic-tiny` / `synthetic-full`
+    (built into fluxkit's cache on demand), or `auto`: the real FLUX.1-schnell if cached, else the tiny
+    synthetic checkpoint.
+    """
+    name = str(model)
+    if name == "auto":
+        folder = _cached_snapshot(DEFAULT_MODEL, revision)
+        if folder is not None:
+            _check_layout(folder, DEFAULT_MODEL)
+            return ModelSource(folder, DEFAULT_MODEL, folder.name, None)
+        name = "synthetic-tiny"
+    if name.startswith("synthetic-"):
+        path = ensure_synthetic(name.removeprefix("synthetic-"), seed=0)
+        return ModelSource(path, name, None, read_marker(path))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_layout(path, name)
+        return ModelSource(path.resolve(), name, None, read_marker(path))
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise VortexInitializationError(
+            f"model={name!r} is neither a folder nor a Hugging Face repository id.",
+            remediation="pass a checkpoint folder, a repository id such as black-forest-labs/FLUX.1-schnell, "
+                        "synthetic-tiny, or auto")
+    folder = _cached_snapshot(name, revision)
+    if folder is None:
+        raise VortexInitializationError(
+            f"Weights for {name} (revision {revision or 'main'}) are not in the local Hugging Face cache "
+            f"({hf_cache_dir()}); fluxkit never downloads while loading.",
+            remediation=f"run `fluxkit download --model {name}` on a machine with network access (HF_HOME picks the "
+                        "cache), or pass model=<folder>; `fluxkit synth` writes a synthetic checkpoint for tests")
+    _check_layout(folder, name)
+    return ModelSource(folder, name, folder.name, None)
+
+
+def _cached_snapshot(name: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True, allow_patterns=DOWNLOAD_PATTERNS))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        return None
+
+
+def _check_layout(folder: Path, name: str) -> None:
+    missing = [c for c in COMPONENT_FOLDERS if not (folder / c).is_dir()]
+    if not (folder / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise VortexInitializationError(
+            f"{name}: checkpoint at {folder} is incomplete, missing {', '.join(missing)}.",
+            remediation="re-run `fluxkit download` (or `fluxkit synth`) into that location")
+
+
+def download(model: str = DEFAULT_MODEL, revision: str | None = None, token: str | None = None) -> Path:
+    """Fetch the diffusers folders of `model` into the Hugging Face cache (network required)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, revision=revision, allow_patterns=DOWNLOAD_PATTERNS, token=token))
+
+
+def cached_models() -> list[dict]:
+    """FLUX repositories present in the local Hugging Face cache, with their snapshots."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    return [{"repo_id": repo.repo_id, "size_gb": round(repo.size_on_disk / 1e9, 2),
+             "revisions": sorted(r.commit_hash for r in repo.revisions)}
+            for repo in info.repos if repo.repo_type == "model" and "flux" in repo.repo_id.lower()]

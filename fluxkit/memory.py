@@ -1,0 +1,123 @@
+"""Memory accounting: weight bytes per component from the real storage, device memory per phase.
+
+Every figure is given in both GiB (2**30 bytes, what torch.cuda reports) and GB (10**9 bytes, how
+budgets such as Vortex's 11.8 GB are written), so no reader has to guess the unit.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+GIB = 2**30
+GB = 10**9
+CPU_NOTE = "device memory statistics are not available on CPU; only weight bytes were counted"
+
+
+def both_units(nbytes: int | float) -> dict:
+    return {"bytes": int(nbytes), "gib": round(nbytes / GIB, 4), "gb": round(nbytes / GB, 4)}
+
+
+def _quant_state_bytes(state) -> int:
+    """bitsandbytes QuantState: absmax and code tensors, plus the nested state of double quantization."""
+    total = 0
+    for name in ("absmax", "code", "offset"):
+        t = getattr(state, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    nested = getattr(state, "state2", None)
+    return total + (_quant_state_bytes(nested) if nested is not None else 0)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a parameter really occupies: packed 4-bit data plus its QuantState, or int8 data plus scales."""
+    total = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)
+    if state is not None:
+        total += _quant_state_bytes(state)
+    scales = getattr(t, "SCB", None)
+    if isinstance(scales, torch.Tensor):
+        total += scales.numel() * scales.element_size()
+    return total
+
+
+def module_weight_bytes(module: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = t.data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor_bytes(t)
+    return total
+
+
+def count_quantized_linears(module: torch.nn.Module) -> dict[str, int]:
+    import bitsandbytes as bnb
+
+    return {"Linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in module.modules()),
+            "Linear8bitLt": sum(isinstance(m, bnb.nn.Linear8bitLt) for m in module.modules()),
+            "Linear": sum(type(m) is torch.nn.Linear for m in module.modules())}
+
+
+def weight_report(components: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    """Weight bytes per component and in total, in bytes, GiB and GB."""
+    per = {name: module_weight_bytes(m) for name, m in components.items()}
+    report = {name: both_units(b) for name, b in per.items()}
+    report["total"] = both_units(sum(per.values()))
+    return report
+
+
+@dataclass
+class PhaseMemory:
+    phase: str
+    allocated_gib: float | None
+    reserved_gib: float | None
+    peak_gib: float | None
+    rise_gib: float | None  # peak during the phase minus allocated at its start
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+@contextmanager
+def track_phase(device: torch.device, phase: str, records: list[PhaseMemory]):
+    """Record allocated / reserved / peak device memory over one phase (None figures on CPU)."""
+    if not device_available(device):
+        yield
+        records.append(PhaseMemory(phase, None, None, None, None))
+        return
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    records.append(PhaseMemory(
+        phase, round(torch.cuda.memory_allocated(device) / GIB, 4), round(torch.cuda.memory_reserved(device) / GIB, 4),
+        round(peak / GIB, 4), round((peak - start) / GIB, 4)))
+
+
+def device_snapshot(device: torch.device) -> dict:
+    """Allocated, reserved, peak, free and total memory of a CUDA device, in GiB and GB."""
+    if not device_available(device):
+        return {"available": False, "note": CPU_NOTE}
+    free, total = torch.cuda.mem_get_info(device)
+    figures = {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+               "peak": torch.cuda.max_memory_allocated(device), "free": free, "total": total}
+    return {"available": True, **{k: both_units(v) for k, v in figures.items()}}
+
+
+def release_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device_available(device):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny synthetic checkpoint (CPU) and the full one (GPU host only)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPT = "manic scientist, blue spiked hair, white lab coat"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the GPU host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """fluxkit's synthetic cache for this test session (FLUXKIT_CACHE), shared by CLI subprocesses."""
+    path = os.environ.get("FLUXKIT_TEST_CACHE") or str(tmp_path_factory.mktemp("fluxkit-cache"))
+    os.environ["FLUXKIT_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(cache_dir):
+    from fluxkit.synthetic import ensure_synthetic
+
+    return ensure_synthetic("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from fluxkit import load_flux_schnell
+
+    return load_flux_schnell(device="cpu", quantization="nf4", model=tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def full_dir(cache_dir):
+    """The full-size synthetic checkpoint: FLUXKIT_FULL_CHECKPOINT if set (built once on the host), else built here."""
+    from pathlib import Path
+
+    from fluxkit.synthetic import ensure_synthetic
+
+    given = os.environ.get("FLUXKIT_FULL_CHECKPOINT")
+    return Path(given) if given else ensure_synthetic("full", seed=0)
