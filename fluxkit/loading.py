@@ -42,6 +42,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
             available_vram_gb=0.0, remediation="pass device='cpu' (or 'auto'), or run on a machine with a CUDA GPU")
     if dev.type not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: fluxkit runs on 'cuda' or 'cpu'")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
