@@ -31,7 +31,7 @@ NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one float32 absmax per 64 weight
 
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
