@@ -58,6 +58,12 @@ class CallRecord:
     memory: list[PhaseMemory] = field(default_factory=list)
     true_cfg: bool = False
 
+    @property
+    def peak_gib(self) -> float | None:
+        """Highest allocated device memory during the call (each phase resets the peak counter)."""
+        peaks = [m.peak_gib for m in self.memory if m.peak_gib is not None]
+        return max(peaks) if peaks else None
+
 
 class FluxModel:
     """A loaded FLUX.1-schnell. Calls are serialized: one image at a time per model."""
@@ -154,41 +160,42 @@ class FluxModel:
 
     def _run(self, prompt, negative_prompt, steps, true_cfg_scale, output, seed, height, width) -> torch.Tensor:
         record = CallRecord(seed=seed, true_cfg=bool(negative_prompt))
-        phase = "text_encode"
+        failure = None
         try:
             with torch.inference_mode():
-                with self._phase(phase, record):
-                    self._check_prompt_length(prompt, "Prompt")
-                    embeds = self._encode(prompt)
-                    negative = None
-                    if negative_prompt:
-                        self._check_prompt_length(negative_prompt, "Negative prompt")
-                        negative = self._encode(negative_prompt)
-                phase = "denoise"
-                with self._phase(phase, record):
-                    latents = self._denoise(embeds, negative, steps, true_cfg_scale, seed, height, width)
-                phase = "decode"
-                with self._phase(phase, record):
-                    image = self._decode(latents, height, width)
-                phase = "copy"
-                with self._phase(phase, record):
-                    result = image[0].permute(1, 2, 0)
-                    if output is None:
-                        output = result.to(torch.float32).contiguous()
-                    else:
-                        output.copy_(result)
+                output = self._phases(record, prompt, negative_prompt, steps, true_cfg_scale, output, seed, height,
+                                      width)
         except torch.OutOfMemoryError:
-            embeds = negative = latents = image = result = None
-            release_device_memory(self.device)
-            raise GenerationError("CUDA out of memory during generate; memory was released and the model is still "
-                                  "usable", phase=phase, memory=self._memory_figures()) from None
+            failure = "CUDA out of memory during generate; memory was released and the model is still usable"
         except RuntimeError as err:
             if "CUDA" not in str(err) and "cuda" not in str(err):
                 raise
+            failure = f"CUDA error during generate: {err}"
+        if failure:
+            # Raised outside the except block: no traceback is left holding the call's activations.
+            phase = PHASES[len(record.memory)] if len(record.memory) < len(PHASES) else PHASES[-1]
             release_device_memory(self.device)
-            raise GenerationError(f"CUDA error during generate: {err}", phase=phase,
-                                  memory=self._memory_figures()) from err
+            raise GenerationError(failure, phase=phase, memory=self._memory_figures())
         self.last_call = record
+        return output
+
+    def _phases(self, record, prompt, negative_prompt, steps, true_cfg_scale, output, seed, height, width):
+        with self._phase("text_encode", record):
+            self._check_prompt_length(prompt, "Prompt")
+            embeds = self._encode(prompt)
+            negative = None
+            if negative_prompt:
+                self._check_prompt_length(negative_prompt, "Negative prompt")
+                negative = self._encode(negative_prompt)
+        with self._phase("denoise", record):
+            latents = self._denoise(embeds, negative, steps, true_cfg_scale, seed, height, width)
+        with self._phase("decode", record):
+            image = self._decode(latents, height, width)
+        with self._phase("copy", record):
+            result = image[0].permute(1, 2, 0)
+            if output is None:
+                return result.to(torch.float32).contiguous()
+            output.copy_(result)
         return output
 
     def _phase(self, name: str, record: CallRecord):

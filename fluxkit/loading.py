@@ -233,20 +233,21 @@ def load_flux_schnell(device: str | torch.device = "cuda", quantization: str | P
     dtype = compute_dtype(preset, dev)
     records: list[PhaseMemory] = []
     start = time.perf_counter()
+    out_of_memory = False
     try:
         with track_phase(dev, "load", records):
             pipe = _load_pipeline(source, preset, dev, dtype)
     except torch.OutOfMemoryError:
-        pipe = None
+        out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
+    if out_of_memory:
         release_device_memory(dev)
-        free, total = torch.cuda.mem_get_info(dev)
-        available = free if vram_limit_gb is None else min(free, vram_limit_gb * GB)
+        free, _ = torch.cuda.mem_get_info(dev)
+        available = free if vram_limit_gb is None else min(free, vram_limit_gb * GB - torch.cuda.memory_reserved(dev))
         raise VortexInitializationError(
             f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}); partial weights were released.",
             required_vram_gb=estimate["required_gb"] if estimate else None,
             available_vram_gb=round(available / GB, 3),
-            remediation="free GPU memory held by other processes, raise vram_limit_gb, or use a GPU with more memory"
-        ) from None
+            remediation="free GPU memory held by other processes, raise vram_limit_gb, or use a GPU with more memory")
     load_s = time.perf_counter() - start
     log.info("loaded %s (%s) on %s in %.1f s", source.describe(), preset.name, dev, load_s)
     return FluxModel(pipe, preset=preset, source=source, device=dev, dtype=dtype, load_seconds=load_s,
