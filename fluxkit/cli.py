@@ -60,6 +60,46 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+    from .loading import load_flux_schnell
+    from .report import _jsonable, weights_statement
+
+    model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
+    result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed)
+    print(weights_statement(model.info()))
+    for series in ("plain", "true_cfg"):
+        s = result[series]["summary"]["total"]
+        print(f"{series:>9}: p50 {s['p50']:.4f} s  p90 {s['p90']:.4f}  p99 {s['p99']:.4f}  p99.9 {s['p99_9']:.4f}  "
+              f"mean {s['mean']:.4f}  std {s['std']:.4f}  outliers {len(s['outliers'])}/{s['n']}  "
+              f"({model.info()['device_name']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_jsonable(result), f, indent=2)
+    return 0
+
+
+def _cmd_references(args: argparse.Namespace) -> int:
+    from .loading import load_flux_schnell
+    from .references import build_references
+
+    model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
+    cases = build_references(model, args.out)
+    print(f"wrote {len(cases)} reference images for {model.source.describe()} ({model.preset.name})")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate
+
+    out_dir, code = validate(model=args.model, device=args.device, quantization=args.quantization, name=args.name,
+                             out_root=args.out_root, iterations=args.iterations, drift_calls=args.drift_calls,
+                             clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+    print((out_dir / "summary.md").read_text())
+    print(f"report: {out_dir}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import available_presets
     from .hub import DEFAULT_MODEL
@@ -73,10 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="used only with --true-cfg-scale > 1 (doubles the cost)")
     p.add_argument("--true-cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="default: drawn at random and printed")
-    p.add_argument("--model", default="auto", help=f"folder, Hub id from the local cache, synthetic-tiny, or auto "
-                                                   f"({DEFAULT_MODEL} if cached, else synthetic-tiny)")
-    p.add_argument("--quantization", default="nf4", choices=available_presets())
-    p.add_argument("--device", default="auto")
+    _model_args(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_generate)
 
@@ -92,10 +129,43 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"{DEFAULT_MODEL}, else main")
     p.set_defaults(func=_cmd_download)
 
+    p = sub.add_parser("bench", help="latency P50/P90/P99/P99.9 over many synchronized calls")
+    _model_args(p)
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every timing here")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("references", help="render the reference images and manifest for a model")
+    _model_args(p)
+    p.add_argument("--out", default=None, help="default: $FLUXKIT_REFERENCE_DIR, else the repository's reference_images/")
+    p.set_defaults(func=_cmd_references)
+
+    p = sub.add_parser("validate", help="run the notebooks into reports/<name>/ and judge the budgets")
+    _model_args(p)
+    p.add_argument("--name", default=None, help="default: date-device-model-quantization")
+    p.add_argument("--out-root", default="reports")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--drift-calls", type=int, default=20)
+    p.add_argument("--clip-model", default="ViT-L-14")
+    p.add_argument("--clip-pretrained", default="openai")
+    p.set_defaults(func=_cmd_validate)
+
     p = sub.add_parser("info", help="library versions, CUDA device and free memory, cached FLUX models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_info)
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from .config import available_presets
+    from .hub import DEFAULT_MODEL
+
+    p.add_argument("--model", default="auto", help=f"folder, Hub id from the local cache, synthetic-tiny, "
+                                                   f"synthetic-full, or auto ({DEFAULT_MODEL} if cached, else synthetic-tiny)")
+    p.add_argument("--quantization", default="nf4", choices=available_presets())
+    p.add_argument("--device", default="auto")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,3 +121,47 @@ def release_device_memory(device: torch.device) -> None:
     if device_available(device):
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def profile_vram(model, drift_calls: int = 20, prompt: str = "manic scientist, blue spiked hair, white lab coat",
+                 seed: int = 0) -> dict:
+    """The VRAM picture of a loaded model: weights per component (loaded, and estimated for every preset from
+    the same configs), memory per phase of one call, rise during a call, and drift over `drift_calls` calls."""
+    from .config import available_presets, load_preset
+    from .loading import estimate_weight_bytes, meta_components
+    from .synthetic import meta_components as full_size_components
+
+    if not isinstance(drift_calls, int) or drift_calls < 2:
+        raise ValueError(f"drift_calls={drift_calls!r}: need at least 2 calls to measure drift")
+    device = model.device
+    def by_preset(meta: dict) -> dict:
+        return {name: {k: both_units(v) for k, v in estimate_weight_bytes(meta, load_preset(name)).items()}
+                for name in available_presets()}
+
+    estimates = by_preset(meta_components(model.source.path))
+    full_size = by_preset(full_size_components("full"))  # FLUX.1-schnell's exact configs
+    model.generate(prompt, seed=seed)  # warm-up: one-time allocations are not drift
+    has_device = device_available(device)
+    before = torch.cuda.memory_allocated(device) if has_device else None
+    model.generate(prompt, seed=seed)
+    call = model.last_call
+    allocated = []
+    for i in range(drift_calls):
+        model.generate(prompt, seed=seed + i)
+        if has_device:
+            torch.cuda.synchronize(device)
+            allocated.append(torch.cuda.memory_allocated(device))
+    profile = {
+        "device_memory_available": has_device,
+        "note": None if has_device else CPU_NOTE,
+        "weights": model.weight_report(),
+        "estimated_weights_by_preset": estimates,
+        "full_size_weights_by_preset": full_size,
+        "timeline": [model.load_memory.to_dict()] + [m.to_dict() for m in call.memory],
+        "rise_during_generate": both_units(call.peak_gib * GIB - before) if has_device else None,
+        "peak_during_generate": both_units(call.peak_gib * GIB) if has_device else None,
+        "drift_calls": drift_calls,
+        "drift_allocated_bytes": allocated,
+        "drift": both_units(allocated[-1] - allocated[0]) if has_device else None,
+    }
+    return profile

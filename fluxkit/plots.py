@@ -1,0 +1,127 @@
+"""Figures for the notebooks and reports. Each function draws one figure, saves it as PNG in `out_dir`
+(when given) and returns it, so a notebook cell is one call."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+MB = 10**6
+
+
+def _save(fig, out_dir: str | Path | None, name: str):
+    fig.tight_layout()
+    if out_dir:
+        fig.savefig(Path(out_dir) / f"{name}.png", dpi=110)
+    return fig
+
+
+def weight_bars(profile: dict, out_dir=None):
+    """Weight GiB per component for every preset: this checkpoint, and FLUX.1-schnell at full size."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (("estimated_weights_by_preset", f"this checkpoint (loaded: {profile['weights']['total']['gib']:.4f} GiB "
+                                              f"measured)"),
+              ("full_size_weights_by_preset", "FLUX.1-schnell full size"))
+    for ax, (key, title) in zip(axes, panels):
+        presets = list(profile[key])
+        bottom = np.zeros(len(presets))
+        for comp in [c for c in profile["weights"] if c != "total"]:
+            values = np.array([profile[key][p][comp]["gib"] for p in presets])
+            ax.bar(presets, values, bottom=bottom, label=comp)
+            bottom += values
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("weights (GiB, bf16 where unquantized)")
+    axes[1].axhline(11.8e9 / 2**30, color="red", linestyle="--", label="11.8 GB")
+    axes[1].legend(fontsize=8)
+    return _save(fig, out_dir, "vram_weights")
+
+
+def memory_timeline(profile: dict, budget_gb: float, out_dir=None):
+    """Allocated / reserved / peak per phase against the Vortex total budget."""
+    rows = profile["timeline"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if not profile["device_memory_available"]:
+        ax.text(0.5, 0.5, "device memory not measured on CPU", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, out_dir, "vram_timeline")
+    x = np.arange(len(rows))
+    for key, style in (("allocated_gib", "o-"), ("reserved_gib", "s--"), ("peak_gib", "^:")):
+        ax.plot(x, [r[key] for r in rows], style, label=key.removesuffix("_gib"))
+    ax.axhline(budget_gb * 1e9 / 2**30, color="red", label=f"Vortex budget {budget_gb} GB")
+    ax.set_xticks(x, [r["phase"] for r in rows])
+    ax.set_ylabel("GiB")
+    ax.legend()
+    return _save(fig, out_dir, "vram_timeline")
+
+
+def drift(profile: dict, budget_mb: float, out_dir=None):
+    fig, ax = plt.subplots(figsize=(8, 3))
+    values = profile["drift_allocated_bytes"]
+    if not values:
+        ax.text(0.5, 0.5, "device memory not measured on CPU", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, out_dir, "vram_drift")
+    ax.plot(np.arange(1, len(values) + 1), [(v - values[0]) / MB for v in values], "o-")
+    for sign in (1, -1):
+        ax.axhline(sign * budget_mb, color="red", linestyle="--")
+    ax.set_xlabel("call")
+    ax.set_ylabel("allocated vs first call (MB)")
+    return _save(fig, out_dir, "vram_drift")
+
+
+def latency_distribution(bench: dict, budget_s: float, out_dir=None):
+    """Histogram and empirical CDF of total latency with percentile lines and the P99 budget."""
+    fig, (hist, cdf) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in ("plain", "true_cfg"):
+        if label not in bench:
+            continue
+        totals = np.array([r["total"] for r in bench[label]["iterations"]])
+        hist.hist(totals, bins=30, alpha=0.6, label=label)
+        xs = np.sort(totals)
+        cdf.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label)
+        s = bench[label]["summary"]["total"]
+        for key, style in (("p50", "-"), ("p99", "--"), ("p99_9", ":")):
+            cdf.axvline(s[key], linestyle=style, color="gray")
+    slowest = max(r["total"] for series in ("plain", "true_cfg") if series in bench for r in bench[series]["iterations"])
+    for ax in (hist, cdf):
+        if budget_s <= 3 * slowest:
+            ax.axvline(budget_s, color="red", label=f"P99 budget {budget_s} s (target GPU)")
+        else:
+            ax.set_title(f"P99 budget {budget_s} s (target GPU) is off this scale", fontsize=9)
+        ax.set_xlabel("seconds per image")
+        ax.legend()
+    cdf.set_ylabel("fraction of calls")
+    return _save(fig, out_dir, "latency_distribution")
+
+
+def latency_trace(bench: dict, out_dir=None):
+    """Per-iteration time by phase, outliers (above median + 5 MAD) marked."""
+    rows = bench["plain"]["iterations"]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(len(rows))
+    bottom = np.zeros(len(rows))
+    for phase in ("text_encode", "denoise", "decode", "copy"):
+        values = np.array([r[phase] for r in rows])
+        ax.bar(x, values, bottom=bottom, label=phase)
+        bottom += values
+    outliers = bench["plain"]["summary"]["total"]["outliers"]
+    ax.scatter(outliers, [rows[i]["total"] for i in outliers], color="red", marker="x", zorder=3, label="outlier")
+    ax.set_xlabel("iteration (after warm-up)")
+    ax.set_ylabel("seconds")
+    ax.legend()
+    return _save(fig, out_dir, "latency_trace")
+
+
+def reference_grid(images: list, results: list[dict], out_dir=None):
+    """reference | current | |difference| heat map, one row per case."""
+    fig, axes = plt.subplots(len(images), 3, figsize=(9, 3 * len(images)), squeeze=False)
+    for row, ((name, current, reference), result) in enumerate(zip(images, results)):
+        diff = (current - reference).abs().mean(dim=-1).numpy()
+        for col, (img, title) in enumerate(((reference.numpy(), f"{name}: reference"), (current.numpy(), "current"),
+                                            (diff, f"|diff| max {result['max_abs_diff']:.3f}"))):
+            ax = axes[row][col]
+            ax.imshow(img, cmap="magma" if col == 2 else None, vmin=0, vmax=1 if col < 2 else max(diff.max(), 1e-6))
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    return _save(fig, out_dir, "quality_grid")

@@ -1,0 +1,65 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fluxkit.metrics import load_clip, psnr, ssim, summarize
+
+
+def test_percentiles_on_known_data():
+    s = summarize(list(range(1, 101)))  # 1..100
+    assert s["p50"] == pytest.approx(50.5)
+    assert s["p90"] == pytest.approx(90.1)
+    assert s["p99"] == pytest.approx(99.01)
+    assert s["p99_9"] == pytest.approx(99.901)
+    assert s["mean"] == pytest.approx(50.5) and s["n"] == 100
+    assert s["outliers"] == []
+
+
+def test_outliers_above_median_plus_5_mad():
+    values = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 3.0]
+    s = summarize(values)
+    mad = np.median(np.abs(np.array(values) - 1.0)) * 1.4826
+    assert s["outlier_limit"] == pytest.approx(1.0 + 5 * mad)
+    assert s["outliers"] == [7]
+    assert summarize([2.0] * 10)["outliers"] == []  # zero spread: nothing is an outlier
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_psnr_ssim_on_known_pairs():
+    a = torch.full((64, 64, 3), 0.5)
+    assert psnr(a, a) == math.inf
+    assert psnr(a + 0.1, a) == pytest.approx(20.0, abs=1e-3)  # MSE 0.01 -> 10*log10(1/0.01)
+    assert ssim(a, a) == pytest.approx(1.0)
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.rand(64, 64, 3, generator=rng)
+    assert ssim(noise, 1 - noise) < 0.0  # anti-correlated structure
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        psnr(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("ViT-B-32", "openai")
+
+
+def test_random_clip_is_labelled_and_scores_are_bounded(clip):
+    assert not clip.real and "plumbing check" in clip.describe()
+    image = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(1))
+    score = clip.clip_score(image, "a photo of a cat")
+    assert 0.0 <= score <= 100.0
+    assert clip.image_cosine(image, image) == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= clip.image_cosine(image, 1 - image) <= 1.0
+
+
+def test_clip_is_seeded(clip):
+    again = load_clip("ViT-B-32", "openai")
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(clip.image_features(image), again.image_features(image))
+
+
+def test_unknown_clip_is_refused():
+    with pytest.raises(ValueError, match="unknown to open_clip"):
+        load_clip("ViT-B-32", "no-such-tag")
