@@ -32,7 +32,10 @@ def ensure_kernel() -> str:
     if KERNEL not in KernelSpecManager().find_kernel_specs():
         from ipykernel.kernelspec import install
 
-        install(prefix=sys.prefix, kernel_name=KERNEL, display_name="fluxkit")
+        try:
+            install(prefix=sys.prefix, kernel_name=KERNEL, display_name="fluxkit")
+        except OSError:  # read-only interpreter prefix: install for this user instead
+            install(user=True, kernel_name=KERNEL, display_name="fluxkit")
     return KERNEL
 
 
