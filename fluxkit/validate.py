@@ -86,7 +86,10 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
             log.error("notebook %s failed: %s", nb, str(err).strip().splitlines()[-1] if str(err).strip() else err)
             status[nb] = "failed"
         if executed.exists():
-            html_of(executed)
+            try:
+                html_of(executed)
+            except Exception as err:  # a missing nbconvert template must not cost the rest of the report
+                log.error("HTML rendering of %s failed: %s", nb, err)
     metrics = _collect(out_dir, status, preset, parameters, __version__)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "summary.md").write_text(summary_markdown(metrics))
