@@ -77,6 +77,7 @@ class PhaseMemory:
     reserved_gib: float | None
     peak_gib: float | None
     rise_gib: float | None  # peak during the phase minus allocated at its start
+    peak_reserved_gib: float | None  # what the caching allocator held from the card at most
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +92,7 @@ def track_phase(device: torch.device, phase: str, records: list[PhaseMemory]):
     """Record allocated / reserved / peak device memory over one phase (None figures on CPU)."""
     if not device_available(device):
         yield
-        records.append(PhaseMemory(phase, None, None, None, None))
+        records.append(PhaseMemory(phase, None, None, None, None, None))
         return
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
@@ -101,7 +102,7 @@ def track_phase(device: torch.device, phase: str, records: list[PhaseMemory]):
     peak = torch.cuda.max_memory_allocated(device)
     records.append(PhaseMemory(
         phase, round(torch.cuda.memory_allocated(device) / GIB, 4), round(torch.cuda.memory_reserved(device) / GIB, 4),
-        round(peak / GIB, 4), round((peak - start) / GIB, 4)))
+        round(peak / GIB, 4), round((peak - start) / GIB, 4), round(torch.cuda.max_memory_reserved(device) / GIB, 4)))
 
 
 def device_snapshot(device: torch.device) -> dict:
@@ -121,6 +122,12 @@ def release_device_memory(device: torch.device) -> None:
     if device_available(device):
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def _device_used(device: torch.device) -> int:
+    """Memory in use on the whole card (CUDA context and other processes included), as nvidia-smi shows it."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 def profile_vram(model, drift_calls: int = 20, prompt: str = "manic scientist, blue spiked hair, white lab coat",
@@ -160,6 +167,9 @@ def profile_vram(model, drift_calls: int = 20, prompt: str = "manic scientist, b
         "timeline": [model.load_memory.to_dict()] + [m.to_dict() for m in call.memory],
         "rise_during_generate": both_units(call.peak_gib * GIB - before) if has_device else None,
         "peak_during_generate": both_units(call.peak_gib * GIB) if has_device else None,
+        "reserved_peak_during_generate":
+            both_units(max(m.peak_reserved_gib for m in call.memory) * GIB) if has_device else None,
+        "device_used_after_generate": both_units(_device_used(device)) if has_device else None,
         "drift_calls": drift_calls,
         "drift_allocated_bytes": allocated,
         "drift": both_units(allocated[-1] - allocated[0]) if has_device else None,

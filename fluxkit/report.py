@@ -81,9 +81,11 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
         drift = vram["drift"]["bytes"] / 1e6 if on_gpu else None
         out.append(_verdict("drift", drift and round(drift, 2), b.drift_mb, "MB",
                             (abs(drift) < b.drift_mb) if on_gpu else None, gpu_note))
-        peak = vram["peak_during_generate"]["gb"] if on_gpu else None
-        out.append(_verdict("total_vram", peak, b.total_vram_gb, "GB", (peak <= b.total_vram_gb) if gpu_full else None,
-                            "" if gpu_full else note))
+        held = vram["reserved_peak_during_generate"]["gb"] if on_gpu else None
+        detail = (f"peak reserved by the allocator; peak allocated {vram['peak_during_generate']['gb']} GB, whole card "
+                  f"in use {vram['device_used_after_generate']['gb']} GB (CUDA context included)") if on_gpu else ""
+        out.append(_verdict("total_vram", held, b.total_vram_gb, "GB", (held <= b.total_vram_gb) if gpu_full else None,
+                            detail if gpu_full else "; ".join(filter(None, (note, detail)))))
     if quality:
         cosines = [c["clip_image_cosine"] for c in quality["cases"]]
         failed = [c["name"] for c in quality["cases"] if not c["passed"]]
