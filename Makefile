@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 validate: $(STAMP)
-	$(VENV)/bin/fluxkit generate --prompt "manic scientist, blue spiked hair, white lab coat" --seed 0 --out reports/validate.png
+	$(VENV)/bin/fluxkit validate
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
