@@ -101,7 +101,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import available_presets
     from .hub import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="fluxkit", description=__doc__.splitlines()[0])

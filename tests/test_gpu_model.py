@@ -5,7 +5,7 @@ import torch
 
 from conftest import PROMPT
 from fluxkit import GenerationError, load_flux_schnell
-from fluxkit.memory import GIB, count_quantized_linears
+from fluxkit.memory import count_quantized_linears
 
 pytestmark = pytest.mark.gpu
 MB = 10**6

@@ -68,3 +68,15 @@ def test_altered_reference_fails_and_names_the_case(tmp_path, monkeypatch, cache
     assert failed == ["lighthouse"]
     summary = (out_dir / "summary.md").read_text()
     assert "failed cases: lighthouse" in summary and "Overall: **fail**" in summary
+
+
+def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, cache_dir):
+    # fp4 on the tiny checkpoint has no reference images: the quality notebook refuses
+    out_dir, code = validate_module.validate(name="fp4", out_root=tmp_path, quantization="fp4", **FAST)
+    assert code != 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["notebooks"] == {"01_vram_profile": "ok", "02_latency": "ok", "03_quality_regression": "failed"}
+    executed = (out_dir / "03_quality_regression.ipynb").read_text()
+    assert "no reference images" in executed and "fluxkit references" in executed
+    assert (out_dir / "03_quality_regression.html").is_file()
+    assert "Overall: **fail**" in (out_dir / "summary.md").read_text()
