@@ -3,7 +3,8 @@ import shutil
 
 import pytest
 
-from fluxkit.references import REFERENCE_DIR, build_references, matching_cases, read_manifest, reference_prompts
+from fluxkit.references import (REFERENCE_DIR, build_references, matching_cases, model_key, read_manifest,
+                                reference_prompts)
 
 
 def test_committed_references_match_the_tiny_model(tiny_model):
@@ -41,7 +42,10 @@ def test_rebuild_keeps_other_models_entries(tiny_model, tmp_path):
     other = dict(manifest["cases"][0], model={"id": "black-forest-labs/FLUX.1-schnell", "revision": "abc", "quantization": "nf4"})
     manifest["cases"].append(other)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    key = model_key(tiny_model)
+    others = [c for c in manifest["cases"] if c["model"] != key]
     build_references(tiny_model, tmp_path)
     after = read_manifest(tmp_path)["cases"]
+    assert [c for c in after if c["model"] != key] == others
     assert sum(c["model"].get("revision") == "abc" for c in after) == 1
-    assert len(after) == len(reference_prompts()) + 1
+    assert len([c for c in after if c["model"] == key]) == len(reference_prompts())
