@@ -27,14 +27,13 @@ log = logging.getLogger("fluxkit")
 CLIP_MAX_TOKENS = 77
 MAX_SEED = 2**63 - 1
 PHASES = ("text_encode", "denoise", "decode", "copy")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def clean_prompt(prompt: object, name: str = "prompt", allow_empty: bool = False) -> str:
     """Check a prompt's type, turn line breaks and tabs into spaces and drop other control characters."""
     if not isinstance(prompt, str):
         raise TypeError(f"{name} must be a str, got {type(prompt).__name__}")
-    text = _CONTROL.sub("", re.sub(r"[\t\n\r]+", " ", prompt))
+    text = re.sub(r"[\t\n\r]+", " ", prompt)
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cc").strip()
     if not text and not allow_empty:
         raise ValueError(f"{name} is empty or whitespace only; describe the image to generate")
