@@ -30,13 +30,17 @@ def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: i
     return {"iterations": rows, "summary": summary}
 
 
-def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, prompt: str = DEFAULT_PROMPT,
-                  seed: int = 0, negative_prompt: str | None = "blurry, low quality", true_cfg_scale: float = 4.0) -> dict:
-    """Time `iterations` generate calls (seconds); with `negative_prompt`, a second true-CFG series too."""
+def check_counts(iterations: int, warmup: int) -> None:
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations={iterations!r}: must be a positive integer")
     if not isinstance(warmup, int) or warmup < 1:
         raise ValueError(f"warmup={warmup!r}: at least one warm-up call is needed to exclude one-time costs")
+
+
+def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, prompt: str = DEFAULT_PROMPT,
+                  seed: int = 0, negative_prompt: str | None = "blurry, low quality", true_cfg_scale: float = 4.0) -> dict:
+    """Time `iterations` generate calls (seconds); with `negative_prompt`, a second true-CFG series too."""
+    check_counts(iterations, warmup)
     result = {"model": model.info(), "iterations": iterations, "warmup": warmup, "prompt": prompt, "unit": "s",
               "plain": _series(model, iterations, warmup, prompt, seed)}
     if negative_prompt:

@@ -61,10 +61,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_benchmark
+    from .bench import check_counts, run_benchmark
     from .loading import load_flux_schnell
     from .report import _jsonable, weights_statement
 
+    check_counts(args.iterations, args.warmup)  # before loading anything
     model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
     result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed)
     print(weights_statement(model.info()))

@@ -53,3 +53,18 @@ def test_info_reports_versions_and_cache(tmp_path):
         assert info[key]
     assert info["cached_flux_models"] == []
     assert "cuda_device" in info
+
+
+def test_bench_and_references(tiny_dir, tmp_path):
+    run = fluxkit("bench", "--model", str(tiny_dir), "--device", "cpu", "--iterations", "3", "--warmup", "1",
+                  "--json", str(tmp_path / "bench.json"))
+    assert run.returncode == 0, run.stderr
+    assert "SYNTHETIC" in run.stdout and "p99.9" in run.stdout
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert len(bench["plain"]["iterations"]) == 3 and len(bench["true_cfg"]["iterations"]) == 3
+    run = fluxkit("references", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "refs"))
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "refs" / "manifest.json").read_text())
+    assert len(manifest["cases"]) == 4 and all((tmp_path / "refs" / c["file"]).is_file() for c in manifest["cases"])
+    run = fluxkit("bench", "--model", str(tiny_dir), "--device", "cpu", "--iterations", "0")
+    assert run.returncode == 2 and "iterations=0" in run.stderr
