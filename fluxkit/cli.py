@@ -63,7 +63,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import check_counts, run_benchmark
     from .loading import load_flux_schnell
-    from .report import _jsonable, weights_statement
+    from .report import to_jsonable, weights_statement
 
     check_counts(args.iterations, args.warmup)  # before loading anything
     model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
@@ -76,7 +76,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               f"({model.info()['device_name']})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(_jsonable(result), f, indent=2)
+            json.dump(to_jsonable(result), f, indent=2)
     return 0
 
 

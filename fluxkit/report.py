@@ -29,17 +29,17 @@ def save_section(out_dir: str | Path | None, name: str, data: dict) -> Path | No
     if not out_dir:
         return None
     path = Path(out_dir) / f"{name}.json"
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    path.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
     return path
 
 
-def _jsonable(value):
+def to_jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     return value
 
 
