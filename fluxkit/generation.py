@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -197,8 +198,15 @@ class FluxModel:
             output.copy_(result)
         return output
 
+    @contextmanager
     def _phase(self, name: str, record: CallRecord):
-        return _TimedPhase(self.device, name, record)
+        """Time one phase, device-synchronized, and record its memory."""
+        with track_phase(self.device, name, record.memory):
+            start = time.perf_counter()
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            record.timings[name] = time.perf_counter() - start
 
     def _memory_figures(self) -> dict:
         snap = device_snapshot(self.device)
@@ -229,22 +237,3 @@ class FluxModel:
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pt")
-
-
-class _TimedPhase:
-    """Times one phase with device synchronization and records its memory."""
-
-    def __init__(self, device: torch.device, name: str, record: CallRecord) -> None:
-        self.device, self.name, self.record = device, name, record
-        self._memory = track_phase(device, name, record.memory)
-
-    def __enter__(self):
-        self._memory.__enter__()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.record.timings[self.name] = time.perf_counter() - self.start
-        return self._memory.__exit__(*exc)
