@@ -9,8 +9,10 @@ import time
 
 import torch
 
-from .generation import PHASES, FluxModel
+from .checks import check_number
+from .generation import FluxModel
 from .metrics import summarize
+from .sampling import PHASES
 
 DEFAULT_PROMPT = "manic scientist, blue spiked hair, white lab coat"
 
@@ -31,10 +33,8 @@ def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: i
 
 
 def check_counts(iterations: int, warmup: int) -> None:
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations={iterations!r}: must be a positive integer")
-    if not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"warmup={warmup!r}: at least one warm-up call is needed to exclude one-time costs")
+    check_number("iterations", iterations, 1, 100_000, integer=True)
+    check_number("warmup", warmup, 1, 1000, integer=True)  # one warm-up at least: one-time costs stay out
 
 
 def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, prompt: str = DEFAULT_PROMPT,

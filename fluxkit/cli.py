@@ -1,30 +1,129 @@
 """`fluxkit` command line: a thin layer over the library functions the notebooks call.
 
-User errors print one line (`fluxkit: error: ...`) and exit 2; no traceback.
+Every argument (paths included) is checked before anything is loaded, generated or benchmarked. A
+user error prints one line (`fluxkit: error: ...`) and exits 2; `-v` adds the traceback. Errors that
+are not fluxkit's own (library bugs) keep their traceback. Every command but `download` runs with
+HF_HUB_OFFLINE=1, decided from the parsed command, never from the text of other arguments.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from pathlib import Path
+
+from .config import DEFAULT_MODEL, available_placements, available_presets
+
+MAX_SEED = 2**63 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as every other user error
+        sys.stderr.write(f"fluxkit: error: {message}\n")
+        sys.exit(2)
+
+
+# ---- argument types: each refuses a bad value with a message that names the fix ------------------------
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
+        return value
+    return parse
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{what}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{what}: folder {folder} is not writable")
+
+
+def _output_file(suffix: str):
+    """A file to be written: its folder exists and is writable, it is not a folder, it ends in `suffix`."""
+    def parse(text: str) -> Path:
+        path = Path(text).expanduser()
+        if path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"{text}: the file name must end in {suffix}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name ending in {suffix}")
+        _writable_folder(path.parent if str(path.parent) else Path("."), text)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} exists and is not writable")
+        return path
+    return parse
+
+
+def _output_folder(text: str) -> Path:
+    """A folder to be written into: it is a folder if it exists, else its parent is one (and writable)."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+        _writable_folder(path, text)
+    else:
+        _writable_folder(path.parent if str(path.parent) else Path("."), text)
+    return path
+
+
+def _report_name(text: str) -> str:
+    from .validate import check_report_name
+
+    try:
+        return check_report_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"name={text!r}: ")) from None
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+
+def _load(args: argparse.Namespace):
+    from .loading import load_flux_schnell
+
+    return load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model,
+                             placement=args.placement)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from .generation import clean_prompt
-    from .loading import load_flux_schnell
+    from .images import save_png
+    from .sampling import clean_prompt
 
     clean_prompt(args.prompt)  # refuse a bad prompt before loading anything
-    model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
+    clean_prompt(args.negative_prompt, "negative_prompt", allow_empty=True)
+    model = _load(args)
     image = model.generate(args.prompt, negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
                            seed=args.seed)
-    array = (image.cpu().numpy() * 255).round().astype("uint8")
-    Image.fromarray(array).save(args.out)
-    print(f"wrote {args.out} ({model.source.describe()}, {model.preset.name}, {model.device}, seed {model.last_seed}, "
-          f"{sum(model.last_call.timings.values()):.2f} s)")
+    save_png(image, args.out)
+    print(f"wrote {args.out} ({model.source.describe()}, {model.preset.name}, {model.placement.name}, {model.device}, "
+          f"seed {model.last_seed}, {sum(model.last_call.timings.values()):.2f} s)")
     return 0
 
 
@@ -37,9 +136,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .hub import download
-
     from .config import load_preset
+    from .hub import download
 
     preset = load_preset("nf4")
     revision = args.revision or (preset.model.revision if args.model == preset.model.id else None)
@@ -56,71 +154,106 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(env, indent=2))
         return 0
     for key, value in env.items():
-        print(f"{key:>14}: {value}")
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import components_for, plan_all, recommend
+
+    meta, described = components_for(args.model)
+    plans = plan_all(meta, budget_bytes=int(args.budget_gb * 1e9))
+    best = recommend(plans)
+    if args.json:
+        print(json.dumps({"model": described, "budget_gb": args.budget_gb, "total_gb": args.total_gb,
+                          "plans": [p.to_dict() for p in plans], "recommended": best and best.to_dict()}, indent=2))
+        return 0
+    print(f"{described}; GB = 10^9 bytes; share {args.budget_gb} GB of a {args.total_gb} GB card")
+    print(f"{'preset':>6} {'placement':>9} {'resident':>9} {'peak':>7} {'host RAM':>9} {'moved/call':>11} "
+          f"{'fits share':>10} {'fits card':>9}")
+    for p in plans:
+        print(f"{p.preset:>6} {p.placement:>9} {p.resident_bytes / 1e9:>9.2f} {p.peak_bytes / 1e9:>7.2f} "
+              f"{p.host_bytes / 1e9:>9.2f} {p.moved_per_call / 1e9:>11.2f} {'yes' if p.fits else 'no':>10} "
+              f"{'yes' if p.peak_bytes <= args.total_gb * 1e9 else 'no':>9}")
+    if best is None:
+        print(f"nothing fits a {args.budget_gb} GB share")
+        return 1
+    print(f"recommended: --quantization {best.preset} --placement {best.placement} (fits the share, moves the fewest "
+          "bytes per call)")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import check_counts, run_benchmark
-    from .loading import load_flux_schnell
+    from .bench import run_benchmark
     from .report import to_jsonable, weights_statement
 
-    check_counts(args.iterations, args.warmup)  # before loading anything
-    model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
+    model = _load(args)
     result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed)
     print(weights_statement(model.info()))
     for series in ("plain", "true_cfg"):
         s = result[series]["summary"]["total"]
         print(f"{series:>9}: p50 {s['p50']:.4f} s  p90 {s['p90']:.4f}  p99 {s['p99']:.4f}  p99.9 {s['p99_9']:.4f}  "
               f"mean {s['mean']:.4f}  std {s['std']:.4f}  outliers {len(s['outliers'])}/{s['n']}  "
-              f"({model.info()['device_name']})")
+              f"({model.info()['device_name']}, {model.placement.name})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_jsonable(result), f, indent=2)
+        args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     return 0
 
 
 def _cmd_references(args: argparse.Namespace) -> int:
-    from .loading import load_flux_schnell
     from .references import build_references
 
-    model = load_flux_schnell(device=args.device, quantization=args.quantization, model=args.model)
-    cases = build_references(model, args.out)
-    print(f"wrote {len(cases)} reference images for {model.source.describe()} ({model.preset.name})")
+    model = _load(args)
+    cases = build_references(model, args.out, overwrite=args.overwrite)
+    print(f"wrote {len(cases)} reference images for {model.source.describe()} ({model.preset.name}, "
+          f"{model.placement.name})")
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .metrics import check_clip_name
     from .validate import validate
 
-    out_dir, code = validate(model=args.model, device=args.device, quantization=args.quantization, name=args.name,
-                             out_root=args.out_root, iterations=args.iterations, drift_calls=args.drift_calls,
+    check_clip_name(args.clip_model, args.clip_pretrained)
+    out_dir, code = validate(model=args.model, device=args.device, quantization=args.quantization,
+                             placement=args.placement, name=args.name, out_root=args.out_root,
+                             iterations=args.iterations, drift_calls=args.drift_calls, seed=args.seed,
                              clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
     print((out_dir / "summary.md").read_text())
     print(f"report: {out_dir}")
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .hub import DEFAULT_MODEL
+# ---- parser -------------------------------------------------------------------------------------------
 
-    parser = argparse.ArgumentParser(prog="fluxkit", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="auto", help=f"folder, Hub id from the local cache, synthetic-tiny, "
+                                                   f"synthetic-full, or auto ({DEFAULT_MODEL} if cached, else "
+                                                   "synthetic-tiny)")
+    p.add_argument("--quantization", default="nf4", choices=available_presets())
+    p.add_argument("--placement", default=None, choices=available_placements(),
+                   help="where components live (default: the preset's); vortex fits Vortex's 6 GB share")
+    p.add_argument("--device", default="auto", type=_device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fluxkit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate one 512x512 image and save it as PNG")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="", help="used only with --true-cfg-scale > 1 (doubles the cost)")
-    p.add_argument("--true-cfg-scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="default: drawn at random and printed")
+    p.add_argument("--true-cfg-scale", type=_float_in(0.0, 100.0), default=1.0)
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=None, help="default: drawn at random and printed")
     _model_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=_output_file(".png"))
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("synth", help="write a synthetic FLUX.1-schnell checkpoint (random weights)")
     p.add_argument("--preset", choices=("tiny", "full"), default="tiny")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=_output_folder)
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("download", help="fetch the diffusers folders of a model into the Hugging Face cache")
@@ -129,25 +262,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"{DEFAULT_MODEL}, else main")
     p.set_defaults(func=_cmd_download)
 
+    p = sub.add_parser("plan", help="GPU and host bytes of every preset x placement, from configs only")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="folder, cached Hub id, synthetic-tiny or synthetic-full")
+    p.add_argument("--budget-gb", type=_float_in(0.1, 1e4), default=6.0, help="Flux's share of the GPU (GB)")
+    p.add_argument("--total-gb", type=_float_in(0.1, 1e4), default=11.8, help="the whole card's budget (GB)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("bench", help="latency P50/P90/P99/P99.9 over many synchronized calls")
     _model_args(p)
-    p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write every timing here")
+    p.add_argument("--iterations", type=_int_in(1, 100_000), default=50)
+    p.add_argument("--warmup", type=_int_in(1, 1000), default=3)
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
+    p.add_argument("--json", default=None, type=_output_file(".json"), help="write every timing here")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("references", help="render the reference images and manifest for a model")
     _model_args(p)
-    p.add_argument("--out", default=None, help="default: $FLUXKIT_REFERENCE_DIR, else the repository's reference_images/")
+    p.add_argument("--out", default=None, type=_output_folder,
+                   help="default: $FLUXKIT_REFERENCE_DIR, else the repository's reference_images/")
+    p.add_argument("--overwrite", action="store_true", help="replace this model's existing reference images")
     p.set_defaults(func=_cmd_references)
 
     p = sub.add_parser("validate", help="run the notebooks into reports/<name>/ and judge the budgets")
     _model_args(p)
-    p.add_argument("--name", default=None, help="default: date-device-model-quantization")
-    p.add_argument("--out-root", default="reports")
-    p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--drift-calls", type=int, default=20)
+    p.add_argument("--name", default=None, type=_report_name, help="default: date-device-model-quantization-placement")
+    p.add_argument("--out-root", default="reports", type=_output_folder)
+    p.add_argument("--iterations", type=_int_in(1, 100_000), default=50)
+    p.add_argument("--drift-calls", type=_int_in(2, 100_000), default=20)
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
     p.set_defaults(func=_cmd_validate)
@@ -158,30 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    from .config import available_presets
-    from .hub import DEFAULT_MODEL
-
-    p.add_argument("--model", default="auto", help=f"folder, Hub id from the local cache, synthetic-tiny, "
-                                                   f"synthetic-full, or auto ({DEFAULT_MODEL} if cached, else synthetic-tiny)")
-    p.add_argument("--quantization", default="nf4", choices=available_presets())
-    p.add_argument("--device", default="auto")
+def _force_offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:  # already imported (in-process use): it read the variable at import
+        hub_constants.HF_HUB_OFFLINE = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "download" not in argv:
-        # Never wait on the network: huggingface_hub reads this once, at import.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .errors import GenerationError, VortexInitializationError
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command != "download":
+        _force_offline()  # never wait on the network: before anything imports huggingface_hub
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the one-line error says it all; the JSON record is for services that parse logs
+        logging.getLogger("fluxkit").addFilter(lambda record: not getattr(record, "structured", False))
+    from .errors import FluxkitError
 
     try:
         return args.func(args)
-    except (ValueError, TypeError, VortexInitializationError, GenerationError, FileNotFoundError) as err:
-        print(f"fluxkit: error: {err}", file=sys.stderr)
+    except FluxkitError as err:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"fluxkit: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

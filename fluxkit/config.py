@@ -1,21 +1,35 @@
-"""Presets: YAML files in fluxkit/configs/ validated into frozen dataclasses.
+"""Presets and placements: YAML files in fluxkit/configs/ validated into frozen dataclasses.
 
-Every constant a run depends on (model id and revision, quantization, resolution, steps, budgets)
-lives in a preset, so a report can name the preset and mean all of it.
+Every setting a run depends on (model id and revision, quantization, resolution, steps, where each
+component lives, budgets) is read from here and nowhere else, so a report can name the preset and
+placement and mean all of it. Keys and types are checked: a typo or `height: '512'` is an error that
+names the file and the key, never a silently different run.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from .errors import InputError, InputTypeError
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 CONFIG_DIR = Path(__file__).parent / "configs"
-QUANTIZABLE_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder")
+PLACEMENTS_FILE = CONFIG_DIR / "placements.yaml"
+QUANTIZABLE_COMPONENTS = ("transformer", "text_encoder_2")
 BACKENDS = ("none", "bitsandbytes_4bit", "bitsandbytes_8bit")
 DTYPES = ("bfloat16", "float16", "float32")
+TEXT_ENCODER_2_MODES = ("gpu", "stream")
+MODULATION_MODES = ("gpu", "fit")
+
+
+class ConfigError(InputError):
+    """A preset or placement file is wrong; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -26,26 +40,22 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class QuantizationSpec:
+    """bitsandbytes settings; the compute dtype is the preset's `dtype`."""
+
     backend: str = "none"
     quant_type: str = "nf4"
-    compute_dtype: str = "bfloat16"
     double_quant: bool = False
     components: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("quantization.backend", self.backend, BACKENDS)
         _check_choice("quantization.quant_type", self.quant_type, ("nf4", "fp4"))
-        _check_choice("quantization.compute_dtype", self.compute_dtype, DTYPES)
         for c in self.components:
             _check_choice("quantization.components", c, QUANTIZABLE_COMPONENTS)
         if self.backend == "none" and self.components:
-            raise ValueError("quantization.components must be empty when quantization.backend is 'none'")
+            raise ConfigError("quantization.components must be empty when quantization.backend is 'none'")
         if self.backend != "none" and not self.components:
-            raise ValueError(f"quantization.components is empty: name what {self.backend} should quantize")
-
-    @property
-    def bits(self) -> int:
-        return {"none": 16, "bitsandbytes_4bit": 4, "bitsandbytes_8bit": 8}[self.backend]
+            raise ConfigError(f"quantization.components is empty: name what {self.backend} should quantize")
 
 
 @dataclass(frozen=True)
@@ -53,89 +63,198 @@ class GenerationSpec:
     height: int = 512
     width: int = 512
     num_inference_steps: int = 4
-    guidance_scale: float = 0.0
     max_sequence_length: int = 256
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value <= 0 or value % 16:
-                raise ValueError(f"generation.{name}={value}: must be a positive multiple of 16")
+            if not 64 <= value <= 2048 or value % 16:
+                raise ConfigError(f"generation.{name}={value}: must be a multiple of 16 in 64..2048")
         if not 1 <= self.num_inference_steps <= 50:
-            raise ValueError(f"generation.num_inference_steps={self.num_inference_steps}: must be in 1..50")
+            raise ConfigError(f"generation.num_inference_steps={self.num_inference_steps}: must be in 1..50")
         if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"generation.max_sequence_length={self.max_sequence_length}: must be in 1..512")
+            raise ConfigError(f"generation.max_sequence_length={self.max_sequence_length}: must be in 1..512")
 
 
 @dataclass(frozen=True)
 class Budgets:
-    """Pass/fail limits. Units are in the names: GiB = 2**30 bytes, GB / MB = 10**9 / 10**6 bytes."""
+    """Pass/fail limits. Units are in the names: GB / MB = 10**9 / 10**6 bytes (how Vortex writes its budgets)."""
 
     p99_latency_s: float = 12.0
     latency_target_device: str = "NVIDIA GeForce RTX 3060"
-    transformer_weights_gib: tuple[float, float] | None = None
+    flux_resident_gb: tuple[float, float] = (5.5, 6.5)  # memory_allocated() after loading, fresh process
+    flux_peak_gb: float = 6.5  # peak allocated and peak reserved during a call
+    vortex_total_gb: float = 11.8  # Flux's peak reserved + the rest of Vortex
+    rest_of_vortex_gb: float = 5.8
     generate_rise_mb: float = 500.0
     drift_mb: float = 50.0
     clip_cosine_min: float = 0.70
-    total_vram_gb: float = 11.8
+
+    def __post_init__(self) -> None:
+        low, high = self.flux_resident_gb
+        if not 0 <= low <= high:
+            raise ConfigError(f"budgets.flux_resident_gb={list(self.flux_resident_gb)}: expected [low, high], low <= high")
+        if not 0 < self.rest_of_vortex_gb < self.vortex_total_gb:
+            raise ConfigError("budgets.rest_of_vortex_gb must be positive and below budgets.vortex_total_gb")
+
+    @property
+    def flux_share_gb(self) -> float:
+        """What Vortex leaves Flux on the card."""
+        return self.vortex_total_gb - self.rest_of_vortex_gb
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     model: ModelSpec
-    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
-    budgets: Budgets = field(default_factory=Budgets)
+    quantization: QuantizationSpec = dataclasses.field(default_factory=QuantizationSpec)
+    generation: GenerationSpec = dataclasses.field(default_factory=GenerationSpec)
+    budgets: Budgets = dataclasses.field(default_factory=Budgets)
     dtype: str = "bfloat16"
-    vae_tile_size: int | None = None
-    working_memory_gib: float = 0.75
+    placement: str = "resident"
+    prompt_cache_size: int = 32
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("placement", self.placement, tuple(available_placements()))
+        if self.prompt_cache_size < 0:
+            raise ConfigError(f"prompt_cache_size={self.prompt_cache_size}: must be >= 0 (0 turns the cache off)")
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    """Where each component lives between and during calls.
+
+    `text_encoder_2`: `gpu` (resident, quantized as the preset says) or `stream` (bf16 in pinned host
+    memory, streamed to the GPU layer by layer while it runs). `modulation`: `gpu` (the transformer's
+    AdaLN modulation layers stay resident and run every step) or `fit` (they run once per call for all
+    steps; those that do not fit the GPU share stay in pinned host memory and are streamed).
+    `offload_between_calls`: diffusers model CPU offload, nothing resident between calls.
+    `working_memory_gb`: the most one call adds on top of the resident weights (measured on the GPU host).
+    """
+
+    name: str
+    description: str
+    text_encoder_2: str = "gpu"
+    modulation: str = "gpu"
+    offload_between_calls: bool = False
+    vae_tile_size: int | None = None
+    working_memory_gb: float = 0.8
+    fill_headroom_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice(f"{self.name}.text_encoder_2", self.text_encoder_2, TEXT_ENCODER_2_MODES)
+        _check_choice(f"{self.name}.modulation", self.modulation, MODULATION_MODES)
         if self.vae_tile_size is not None and (self.vae_tile_size < 64 or self.vae_tile_size % 64):
-            raise ValueError(f"vae_tile_size={self.vae_tile_size}: must be a multiple of 64, or null")
+            raise ConfigError(f"{self.name}.vae_tile_size={self.vae_tile_size}: must be a multiple of 64, or null")
+        if self.offload_between_calls and (self.text_encoder_2 != "gpu" or self.modulation != "gpu"):
+            raise ConfigError(f"{self.name}: offload_between_calls moves whole components; use it with "
+                              "text_encoder_2: gpu and modulation: gpu")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check a YAML value against a type hint; numbers in a float field become floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[hint]
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    return float(value) if hint is float else value
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
     """Build a dataclass from a mapping, refusing unknown keys so that a typo is never ignored."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(names))}")
+    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path.name}: not valid YAML ({err})") from None
 
 
 def available_presets() -> list[str]:
     return sorted(p.stem.removeprefix("flux_schnell_") for p in CONFIG_DIR.glob("flux_schnell_*.yaml"))
 
 
-def load_preset(name_or_path: str | Path = "nf4") -> Preset:
-    """Load a preset by short name (`nf4`, `bf16`, `int8`, `fp4`) or from a YAML file path."""
+def load_preset(name_or_path: str | Path | Preset = "nf4") -> Preset:
+    """A preset by short name (`nf4`, `bf16`, ...) or from a YAML file path; a Preset is returned as is."""
+    if isinstance(name_or_path, Preset):
+        return name_or_path
+    if not isinstance(name_or_path, (str, Path)):
+        raise InputTypeError(f"quantization must be a preset name ({', '.join(available_presets())}), a YAML "
+                             f"path or a Preset; got {type(name_or_path).__name__}")
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"flux_schnell_{name_or_path}.yaml"
         if not path.is_file():
-            raise ValueError(f"quantization={name_or_path!r}: no such preset; choose one of {', '.join(available_presets())}")
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    return _build(Preset, data, path.name)
+            raise InputError(f"quantization={str(name_or_path)!r}: no such preset; choose one of "
+                             f"{', '.join(available_presets())}")
+    elif not path.is_file():
+        raise InputError(f"quantization={str(name_or_path)!r}: no such preset file")
+    return _build(Preset, _read_yaml(path), path.name)
+
+
+def _placements() -> dict[str, PlacementSpec]:
+    data = _read_yaml(PLACEMENTS_FILE)
+    return {name: _build(PlacementSpec, {"name": name, **spec}, f"{PLACEMENTS_FILE.name}.{name}")
+            for name, spec in data.items()}
+
+
+def available_placements() -> list[str]:
+    return list(_read_yaml(PLACEMENTS_FILE))
+
+
+def load_placement(name: str | PlacementSpec) -> PlacementSpec:
+    if isinstance(name, PlacementSpec):
+        return name
+    if not isinstance(name, str):
+        raise InputTypeError(f"placement must be a str, one of {', '.join(available_placements())}; "
+                             f"got {type(name).__name__}")
+    placements = _placements()
+    if name not in placements:
+        raise InputError(f"placement={name!r}: no such placement; choose one of {', '.join(placements)}")
+    return placements[name]
 
 
 def preset_to_dict(preset: Preset) -> dict:

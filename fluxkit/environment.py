@@ -9,7 +9,7 @@ import torch
 from .hub import cached_models, hf_cache_dir
 from .memory import both_units
 
-PACKAGES = ("torch", "diffusers", "transformers", "bitsandbytes", "accelerate", "open_clip_torch", "papermill")
+PACKAGES = ("torch", "diffusers", "transformers", "bitsandbytes", "accelerate", "torchao", "open_clip_torch", "papermill")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -31,6 +31,15 @@ def cuda_device() -> dict | None:
             "free": both_units(free), "total": both_units(total)}
 
 
+def hf_hub_offline() -> bool:
+    """Whether huggingface_hub will refuse the network (read once, when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(), **package_versions(),
-            "cuda_device": cuda_device(), "hf_cache": hf_cache_dir(), "cached_flux_models": cached_models()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "cuda_device": cuda_device(), "hf_hub_offline": hf_hub_offline(), "hf_cache": hf_cache_dir(),
+            "cached_flux_models": cached_models()}

@@ -1,86 +1,138 @@
 """FluxModel.generate: prompt in, one (H, W, 3) float32 image in [0, 1] out.
 
-The call runs in four timed phases (text encode, denoise, decode, copy) through diffusers'
-FluxPipeline pieces, so that latency and memory can be attributed. Input is checked completely
-before any device work; a CUDA OOM leaves the model loaded and usable.
+FluxModel holds what a call needs between calls (components, placement, lock, prompt cache) and
+does what no pure function can: draws seeds, serializes calls, times the four phases (text encode,
+denoise, decode, copy) with device synchronization, and turns a CUDA OOM into GenerationError with
+the model left usable. The work itself is `fluxkit.sampling`.
 """
 from __future__ import annotations
 
 import logging
-import math
-import re
 import secrets
 import threading
 import time
-import unicodedata
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import Preset
+from .config import PlacementSpec, Preset
 from .errors import GenerationError
 from .hub import ModelSource
 from .memory import PhaseMemory, device_snapshot, release_device_memory, track_phase, weight_report
+from .plan import Plan
+from .sampling import (
+    MAX_SEED,
+    PHASES,
+    GenerationRequest,
+    PromptEmbeddings,
+    Schedule,
+    check_inputs,
+    decode,
+    denoise,
+    encode,
+    make_schedule,
+    prepare_latents,
+)
 
 log = logging.getLogger("fluxkit")
-
-CLIP_MAX_TOKENS = 77
-MAX_SEED = 2**63 - 1
-PHASES = ("text_encode", "denoise", "decode", "copy")
-
-
-def clean_prompt(prompt: object, name: str = "prompt", allow_empty: bool = False) -> str:
-    """Check a prompt's type, turn line breaks and tabs into spaces and drop other control characters."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"{name} must be a str, got {type(prompt).__name__}")
-    text = re.sub(r"[\t\n\r]+", " ", prompt)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cc").strip()
-    if not text and not allow_empty:
-        raise ValueError(f"{name} is empty or whitespace only; describe the image to generate")
-    return text
-
-
-def _check_number(name: str, value: object, low: float, high: float, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name}={value}: must be in [{low}, {high}]")
 
 
 @dataclass
 class CallRecord:
-    """What the last generate call did: seed, phase times (s, device-synchronized) and phase memory."""
+    """What one generate call did: its request, phase times (s, device-synchronized) and phase memory."""
 
-    seed: int
+    request: GenerationRequest
     timings: dict[str, float] = field(default_factory=dict)
     memory: list[PhaseMemory] = field(default_factory=list)
-    true_cfg: bool = False
+    prompt_cache_hits: int = 0
 
     @property
-    def peak_gib(self) -> float | None:
-        """Highest allocated device memory during the call (each phase resets the peak counter)."""
-        peaks = [m.peak_gib for m in self.memory if m.peak_gib is not None]
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def true_cfg(self) -> bool:
+        return self.request.true_cfg
+
+    @property
+    def peak(self) -> int | None:
+        """Highest allocated device memory during the call, bytes (each phase resets the peak counter)."""
+        peaks = [m.peak for m in self.memory if m.peak is not None]
         return max(peaks) if peaks else None
+
+    @property
+    def peak_reserved(self) -> int | None:
+        peaks = [m.peak_reserved for m in self.memory if m.peak_reserved is not None]
+        return max(peaks) if peaks else None
+
+
+class PromptCache:
+    """Prompt embeddings of recent prompts in host memory, least recently used dropped first.
+
+    Keyed by everything that determines them (text, max_sequence_length); one cache per model, so a
+    model with other weights or settings never sees another's entries. Host memory keeps a full
+    cache out of the GPU budget: a hit costs one 2 MB copy.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple, PromptEmbeddings] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> PromptEmbeddings | None:
+        found = self.entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return found
+
+    def put(self, key: tuple, embeddings: PromptEmbeddings) -> None:
+        if self.capacity == 0:
+            return
+        self.entries[key] = embeddings.to(torch.device("cpu"))
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
 
 
 class FluxModel:
     """A loaded FLUX.1-schnell. Calls are serialized: one image at a time per model."""
 
-    def __init__(self, pipe, *, preset: Preset, source: ModelSource, device: torch.device, dtype: torch.dtype,
-                 load_seconds: float, load_memory: PhaseMemory, preflight: dict | None) -> None:
+    def __init__(self, pipe, *, preset: Preset, placement: PlacementSpec, plan: Plan, source: ModelSource,
+                 device: torch.device, dtype: torch.dtype, load_seconds: float, load_memory: PhaseMemory,
+                 modulation=None) -> None:
         self.pipe = pipe
         self.preset = preset
+        self.placement = placement
+        self.plan = plan
         self.source = source
         self.device = device
         self.dtype = dtype
         self.load_seconds = load_seconds
         self.load_memory = load_memory
-        self.preflight = preflight
-        self.last_seed: int | None = None
-        self.last_call: CallRecord | None = None
+        self.modulation = modulation
+        self.prompt_cache = PromptCache(preset.prompt_cache_size)
+        self._schedules: dict[tuple[int, int], Schedule] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
+
+    # ---- what the calling thread's last call did --------------------------------------------------------
+
+    @property
+    def last_call(self) -> CallRecord | None:
+        """The last call made by this thread (each thread sees its own)."""
+        return getattr(self._local, "last_call", None)
+
+    @property
+    def last_seed(self) -> int | None:
+        call = self.last_call
+        return None if call is None else call.seed
+
+    # ---- reports --------------------------------------------------------------------------------------
 
     @property
     def components(self) -> dict[str, torch.nn.Module]:
@@ -89,114 +141,94 @@ class FluxModel:
     def weight_report(self) -> dict:
         return weight_report(self.components)
 
-    def memory_snapshot(self) -> dict:
-        return device_snapshot(self.device)
-
     def info(self) -> dict:
-        """What was loaded, for reports: weights, preset, device, dtype."""
-        return {"model": self.source.to_dict(), "preset": self.preset.name, "device": str(self.device),
+        """What was loaded, for reports: weights, preset, placement, device, dtype."""
+        from .placement import describe
+
+        return {"model": self.source.to_dict(), "preset": self.preset.name, "placement": describe(self.placement,
+                                                                                                  self.modulation),
+                "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3)}
 
-    # ---- input checks -------------------------------------------------------------------------------
+    # ---- generate -------------------------------------------------------------------------------------
 
-    def _check_output(self, output: object, height: int, width: int) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"output must be a torch.Tensor, got {type(output).__name__}")
-        if tuple(output.shape) != (height, width, 3):
-            raise ValueError(f"output has shape {tuple(output.shape)}; expected ({height}, {width}, 3) (H x W x RGB)")
-        if output.dtype != torch.float32:
-            raise ValueError(f"output has dtype {output.dtype}; expected torch.float32")
-        if not output.is_contiguous():
-            raise ValueError("output is not contiguous; pass a contiguous tensor (e.g. output.contiguous())")
-
-    def _check_prompt_length(self, prompt: str, label: str) -> None:
-        clip_len = len(self.pipe.tokenizer(prompt, truncation=False)["input_ids"])
-        if clip_len > CLIP_MAX_TOKENS:
-            log.warning("%s truncated to %d tokens (CLIP text encoder; %d given)", label, CLIP_MAX_TOKENS, clip_len)
-        limit = self.preset.generation.max_sequence_length
-        t5_len = len(self.pipe.tokenizer_2(prompt, truncation=False)["input_ids"])
-        if t5_len > limit:
-            log.warning("%s truncated to %d T5 tokens (max_sequence_length; %d given)", label, limit, t5_len)
-
-    # ---- generate -----------------------------------------------------------------------------------
-
-    def generate(self, prompt: str, negative_prompt: str = "", num_inference_steps: int = 4,
-                 guidance_scale: float = 0.0, output: torch.Tensor | None = None, seed: int | None = None,
-                 true_cfg_scale: float = 1.0, *, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def generate(self, prompt: str, negative_prompt: str = "", num_inference_steps: int | None = None,
+                 guidance_scale: float = 0.0, output=None, seed: int | None = None, true_cfg_scale: float = 1.0, *,
+                 height: int | None = None, width: int | None = None):
         """Generate one image as a (height, width, 3) float32 tensor with values in [0, 1].
 
-        `guidance_scale` is accepted for API compatibility and ignored: schnell has no guidance
-        embedding. `negative_prompt` acts only through true classifier-free guidance
-        (`true_cfg_scale > 1`), which runs the transformer twice per step (about 2x denoise time).
-        `output`, if given, is validated first and written in place (any device). `seed=None`
-        draws one; `last_seed` holds it so that the image can be made again.
+        Settings left None come from the preset. `guidance_scale` is accepted for API compatibility
+        and ignored: schnell has no guidance embedding. `negative_prompt` acts only through true
+        classifier-free guidance (`true_cfg_scale > 1`), which runs the transformer twice per step.
+        `output` (a torch tensor on any device, or a NumPy array) is checked first and written in
+        place; it is returned. `seed=None` draws one; `last_seed` gives it to the calling thread.
         """
-        gen = self.preset.generation
-        height = gen.height if height is None else height
-        width = gen.width if width is None else width
-        prompt = clean_prompt(prompt)
-        negative_prompt = clean_prompt(negative_prompt, "negative_prompt", allow_empty=True)
-        _check_number("num_inference_steps", num_inference_steps, 1, 50, integer=True)
-        _check_number("guidance_scale", guidance_scale, 0.0, 100.0)
-        _check_number("true_cfg_scale", true_cfg_scale, 0.0, 100.0)
-        for name, value in (("height", height), ("width", width)):
-            _check_number(name, value, 64, 2048, integer=True)
-            if value % 16:
-                raise ValueError(f"{name}={value}: must be a multiple of 16")
-        if seed is not None:
-            _check_number("seed", seed, 0, MAX_SEED, integer=True)
-        if output is not None:
-            self._check_output(output, height, width)
-        use_cfg = true_cfg_scale > 1.0 and bool(negative_prompt)
-        if negative_prompt and not use_cfg:
-            log.warning("negative_prompt has no effect with true_cfg_scale=%s: FLUX.1-schnell is guidance-distilled; "
-                        "set true_cfg_scale > 1 (doubles the transformer passes) to use it", true_cfg_scale)
-        seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        drawn = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        request, buffer = check_inputs(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                                       guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, height=height,
+                                       width=width, seed=drawn, output=output, spec=self.preset.generation)
         with self._lock:
-            self.last_seed = seed
-            return self._run(prompt, negative_prompt if use_cfg else "", num_inference_steps, true_cfg_scale,
-                             output, seed, height, width)
+            record = CallRecord(request)
+            image = self._run(request, buffer, record)
+            self._local.last_call = record
+        return output if output is not None else image
 
-    def _run(self, prompt, negative_prompt, steps, true_cfg_scale, output, seed, height, width) -> torch.Tensor:
-        record = CallRecord(seed=seed, true_cfg=bool(negative_prompt))
+    def _run(self, request: GenerationRequest, buffer: torch.Tensor | None, record: CallRecord) -> torch.Tensor:
         failure = None
         try:
             with torch.inference_mode():
-                output = self._phases(record, prompt, negative_prompt, steps, true_cfg_scale, output, seed, height,
-                                      width)
+                image = self._phases(request, buffer, record)
         except torch.OutOfMemoryError:
             failure = "CUDA out of memory during generate; memory was released and the model is still usable"
         except RuntimeError as err:
             if "CUDA" not in str(err) and "cuda" not in str(err):
                 raise
             failure = f"CUDA error during generate: {err}"
+        finally:
+            if self.placement.offload_between_calls and self.device.type == "cuda":
+                self.pipe.maybe_free_model_hooks()
         if failure:
             # Raised outside the except block: no traceback is left holding the call's activations.
-            phase = PHASES[len(record.memory)] if len(record.memory) < len(PHASES) else PHASES[-1]
+            phase = PHASES[min(len(record.memory), len(PHASES) - 1)]
             release_device_memory(self.device)
             raise GenerationError(failure, phase=phase, memory=self._memory_figures())
-        self.last_call = record
-        return output
+        return image
 
-    def _phases(self, record, prompt, negative_prompt, steps, true_cfg_scale, output, seed, height, width):
+    def _phases(self, request: GenerationRequest, buffer: torch.Tensor | None, record: CallRecord) -> torch.Tensor:
+        pipe = self.pipe
         with self._phase("text_encode", record):
-            self._check_prompt_length(prompt, "Prompt")
-            embeds = self._encode(prompt)
-            negative = None
-            if negative_prompt:
-                self._check_prompt_length(negative_prompt, "Negative prompt")
-                negative = self._encode(negative_prompt)
+            cond = self._encode(request.prompt, "Prompt", record)
+            uncond = self._encode(request.negative_prompt, "Negative prompt", record) if request.true_cfg else None
         with self._phase("denoise", record):
-            latents = self._denoise(embeds, negative, steps, true_cfg_scale, seed, height, width)
+            latents, image_ids = prepare_latents(request, pipe.transformer.config.in_channels // 4,
+                                                 pipe.vae_scale_factor, self.device, self.dtype)
+            latents = denoise(pipe.transformer, latents, image_ids, cond, uncond,
+                              self._schedule(request.num_inference_steps, latents.shape[1]), request.true_cfg_scale,
+                              self.modulation)
         with self._phase("decode", record):
-            image = self._decode(latents, height, width)
+            image = decode(pipe.vae, latents, request.height, request.width, pipe.vae_scale_factor)
         with self._phase("copy", record):
-            result = image[0].permute(1, 2, 0)
-            if output is None:
-                return result.to(torch.float32).contiguous()
-            output.copy_(result)
-        return output
+            if buffer is None:
+                return image.to(torch.float32).contiguous()
+            buffer.copy_(image)
+        return buffer
+
+    def _encode(self, text: str, label: str, record: CallRecord) -> PromptEmbeddings:
+        key = (text, self.preset.generation.max_sequence_length)
+        cached = self.prompt_cache.get(key)
+        if cached is not None:
+            record.prompt_cache_hits += 1
+            return cached.to(self.device)
+        embeddings = encode(self.pipe, text, key[1], self.device, self.dtype, label)
+        self.prompt_cache.put(key, embeddings)
+        return embeddings
+
+    def _schedule(self, steps: int, image_seq_len: int) -> Schedule:
+        key = (steps, image_seq_len)
+        if key not in self._schedules:
+            self._schedules[key] = make_schedule(self.pipe.scheduler, steps, image_seq_len, self.device)
+        return self._schedules[key]
 
     @contextmanager
     def _phase(self, name: str, record: CallRecord):
@@ -214,26 +246,3 @@ class FluxModel:
             return {}
         return {f"{k}_gib": snap[k]["gib"] for k in ("allocated", "reserved", "peak", "free", "total")}
 
-    def _encode(self, prompt: str):
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompt, prompt_2=None, device=self.device,
-                                                    num_images_per_prompt=1,
-                                                    max_sequence_length=self.preset.generation.max_sequence_length)
-        return embeds, pooled
-
-    def _denoise(self, embeds, negative, steps, true_cfg_scale, seed, height, width) -> torch.Tensor:
-        generator = torch.Generator(self.device).manual_seed(seed)
-        kwargs = {}
-        if negative is not None:
-            kwargs = {"negative_prompt_embeds": negative[0], "negative_pooled_prompt_embeds": negative[1],
-                      "true_cfg_scale": true_cfg_scale}
-        return self.pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], num_inference_steps=steps,
-                         guidance_scale=0.0, height=height, width=width, generator=generator,
-                         max_sequence_length=self.preset.generation.max_sequence_length, output_type="latent",
-                         return_dict=False, **kwargs)[0]
-
-    def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self.pipe.vae
-        latents = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image, output_type="pt")

@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import DEFAULT_MODEL
 from .errors import VortexInitializationError
-from .synthetic import ensure_synthetic, read_marker
+from .synthetic import PRESETS, ensure_synthetic, read_marker
 
-DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
 # The diffusers layout only: configs, tokenizers and safetensors in the component folders.
 DOWNLOAD_PATTERNS = ["model_index.json"] + [
@@ -28,10 +28,6 @@ class ModelSource:
     model_id: str
     revision: str | None
     synthetic: dict | None
-
-    @property
-    def is_synthetic(self) -> bool:
-        return self.synthetic is not None
 
     def describe(self) -> str:
         if self.synthetic:
@@ -58,52 +54,43 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None) -> Mode
     """
     name = str(model)
     if name == "auto":
-        folder = _cached_snapshot(DEFAULT_MODEL, revision)
+        folder = cached_snapshot(DEFAULT_MODEL, revision)
         if folder is not None:
-            _check_layout(folder, DEFAULT_MODEL)
             return ModelSource(folder, DEFAULT_MODEL, folder.name, None)
         name = "synthetic-tiny"
-    if name.startswith("synthetic-"):
+    if name.startswith("synthetic-") and name.removeprefix("synthetic-") in PRESETS:
         path = ensure_synthetic(name.removeprefix("synthetic-"), seed=0)
         return ModelSource(path, name, None, read_marker(path))
     path = Path(name).expanduser()
     if path.is_dir():
-        _check_layout(path, name)
         return ModelSource(path.resolve(), name, None, read_marker(path))
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise VortexInitializationError(
             f"model={name!r} is neither a folder nor a Hugging Face repository id.",
             remediation="pass a checkpoint folder, a repository id such as black-forest-labs/FLUX.1-schnell, "
-                        "synthetic-tiny, or auto")
-    folder = _cached_snapshot(name, revision)
+                        "synthetic-tiny, synthetic-full, or auto")
+    folder = cached_snapshot(name, revision)
     if folder is None:
         raise VortexInitializationError(
             f"Weights for {name} (revision {revision or 'main'}) are not in the local Hugging Face cache "
             f"({hf_cache_dir()}); fluxkit never downloads while loading.",
             remediation=f"run `fluxkit download --model {name}` on a machine with network access (HF_HOME picks the "
                         "cache), or pass model=<folder>; `fluxkit synth` writes a synthetic checkpoint for tests")
-    _check_layout(folder, name)
     return ModelSource(folder, name, folder.name, None)
 
 
-def _cached_snapshot(name: str, revision: str | None) -> Path | None:
+def cached_snapshot(name: str, revision: str | None) -> Path | None:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(name, revision=revision, local_files_only=True, allow_patterns=DOWNLOAD_PATTERNS))
     except (LocalEntryNotFoundError, FileNotFoundError):
         return None
-
-
-def _check_layout(folder: Path, name: str) -> None:
-    missing = [c for c in COMPONENT_FOLDERS if not (folder / c).is_dir()]
-    if not (folder / "model_index.json").is_file():
-        missing.insert(0, "model_index.json")
-    if missing:
-        raise VortexInitializationError(
-            f"{name}: checkpoint at {folder} is incomplete, missing {', '.join(missing)}.",
-            remediation="re-run `fluxkit download` (or `fluxkit synth`) into that location")
+    except HFValidationError as err:
+        raise VortexInitializationError(f"model={name!r} is not a valid Hugging Face repository id ({err}).",
+                                        remediation="pass a checkpoint folder or an id such as "
+                                                    "black-forest-labs/FLUX.1-schnell") from None
 
 
 def download(model: str = DEFAULT_MODEL, revision: str | None = None, token: str | None = None) -> Path:

@@ -1,49 +1,65 @@
-"""Loading FLUX.1-schnell with bitsandbytes quantization: pre-flight, load, OOM conversion.
+"""Loading FLUX.1-schnell: argument checks, checkpoint inspection, pre-flight, per-component load, placement.
 
-On a GPU every quantized component goes through the library's own quantizer at load time
-(diffusers' BitsAndBytesConfig for the transformer, transformers' for T5), in one
-PipelineQuantizationConfig: the plain pattern the field uses. diffusers' quantizer refuses to run
-without a GPU, so on CPU a diffusers component is loaded unquantized and its nn.Linear layers are
-then replaced by the same bitsandbytes layers (Linear4bit / Linear8bitLt, same quant type, block
-size and kernels); transformers' quantizer runs on CPU as it is. README says what each covers.
+On a GPU each quantized component goes through its library's own quantizer at load time (diffusers'
+BitsAndBytesConfig for the transformer, transformers' for T5). diffusers' quantizer refuses to run
+without a GPU, so on CPU the transformer is loaded unquantized and its nn.Linear layers are then
+replaced by the same bitsandbytes layers (Linear4bit / Linear8bitLt, same quant type, block size and
+kernels); transformers' quantizer runs on CPU as it is. README says what each covers.
+
+Every failure to load, whatever its cause, leaves as VortexInitializationError (logged as one JSON
+record first): bad arguments, missing or damaged weights, not enough memory, an OOM while loading.
 """
 from __future__ import annotations
 
+import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from .config import Preset, QuantizationSpec, load_preset
-from .errors import VortexInitializationError
+from .checkpoint import inspect_checkpoint
+from .checks import check_number, parse_positive_float
+from .config import PlacementSpec, Preset, QuantizationSpec, load_placement, load_preset
+from .errors import (
+    FluxkitError,
+    InputError,
+    InputTypeError,
+    LoadInputError,
+    LoadInputTypeError,
+    VortexInitializationError,
+)
+from .generation import FluxModel
 from .hub import DEFAULT_MODEL, ModelSource, resolve_model
-from .memory import GB, GIB, PhaseMemory, release_device_memory, track_phase
+from .memory import GB, PhaseMemory, release_device_memory, track_phase
+from .placement import ModulationTables, _Parked, quantize_to_host, stream_text_encoder
+from .plan import Plan, plan_placement
 
 log = logging.getLogger("fluxkit")
 
-DIFFUSERS_COMPONENTS = ("transformer", "vae")
-WEIGHT_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
-NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one float32 absmax per 64 weights
+LOAD_ERRORS = (LoadInputError, LoadInputTypeError)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
+def resolve_device(device: object) -> torch.device:
+    if isinstance(device, str) and device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):
+        raise LoadInputTypeError(f"device must be a str or torch.device, got {type(device).__name__}")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r}: not a torch device ({err}); use 'cuda', 'cpu' or 'auto'") from None
+    except (RuntimeError, TypeError):
+        raise LoadInputError(f"device={device!r}: not a torch device; use 'cuda', 'cuda:N', 'cpu' or 'auto'") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise LoadInputError(f"device={device!r}: fluxkit runs on 'cuda' or 'cpu'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise VortexInitializationError(
-            "device='cuda' was asked for but this machine has no usable CUDA GPU.", required_vram_gb=None,
-            available_vram_gb=0.0, remediation="pass device='cpu' (or 'auto'), or run on a machine with a CUDA GPU")
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r}: fluxkit runs on 'cuda' or 'cpu'")
+            "device='cuda' was asked for but this machine has no usable CUDA GPU.", available_vram_gb=0.0,
+            remediation="pass device='cpu' (or 'auto'), or run on a machine with a CUDA GPU")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise LoadInputError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -52,23 +68,25 @@ def compute_dtype(preset: Preset, device: torch.device) -> torch.dtype:
     return getattr(torch, preset.dtype) if device.type == "cuda" else torch.float32
 
 
-def bnb_config(spec: QuantizationSpec, library: str, dtype: torch.dtype):
+def bnb_config(spec: QuantizationSpec, library: str, dtype: torch.dtype, skip: tuple[str, ...] = ()):
     """The bitsandbytes config object of `library` ('diffusers' or 'transformers') for one component."""
     if library == "diffusers":
         from diffusers import BitsAndBytesConfig
     else:
         from transformers import BitsAndBytesConfig
+    # skipped modules stay unquantized in host memory: bitsandbytes asks for the offload flag to allow that
+    extra = {"llm_int8_skip_modules": list(skip), "llm_int8_enable_fp32_cpu_offload": True} if skip else {}
     if spec.backend == "bitsandbytes_8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                              bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=spec.double_quant)
+        return BitsAndBytesConfig(load_in_8bit=True, **extra)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=spec.double_quant, **extra)
 
 
 def quantize_linear_layers(module: torch.nn.Module, spec: QuantizationSpec, dtype: torch.dtype) -> torch.nn.Module:
     """Replace nn.Linear layers by bitsandbytes layers in place, quantizing their current weights (CPU path)."""
     import bitsandbytes as bnb
 
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, linear in list(child.named_children()):
             if type(linear) is not torch.nn.Linear:
                 continue
@@ -91,86 +109,26 @@ def quantize_linear_layers(module: torch.nn.Module, spec: QuantizationSpec, dtyp
 
 # ---- pre-flight -------------------------------------------------------------------------------------
 
-def _quantized_weight_bytes(numel: int, out_features: int, spec: QuantizationSpec) -> float:
-    if spec.backend == "bitsandbytes_8bit":
-        return numel + out_features * 4
-    blocks = math.ceil(numel / NF4_BLOCK)
-    if spec.double_quant:  # absmax re-quantized to 8 bits in blocks of 256, plus its own float32 scales
-        return numel / 2 + blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 16 * 4
-    return numel / 2 + blocks * 4 + 16 * 4
+def available_bytes(device: torch.device, vram_limit_gb: float | None) -> int:
+    """GPU memory this process may still take: free memory, or what is left of the cap."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if vram_limit_gb is None:
+        return free
+    return min(free, int(vram_limit_gb * GB) - torch.cuda.memory_reserved(device))
 
 
-def meta_components(folder: Path) -> dict[str, torch.nn.Module]:
-    """Each weight component of a checkpoint folder built on the meta device from its config (no weights read)."""
-    import json
-
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    components = {}
-    for name in WEIGHT_COMPONENTS:
-        library, cls_name = index[name]
-        cls = getattr(__import__(library, fromlist=[cls_name]), cls_name)
-        with torch.device("meta"):
-            if library == "diffusers":
-                components[name] = cls.from_config(cls.load_config(Path(folder) / name))
-            else:
-                from transformers import AutoConfig
-
-                components[name] = cls(AutoConfig.from_pretrained(Path(folder) / name))
-    return components
-
-
-def estimate_weight_bytes(components: dict[str, torch.nn.Module], preset: Preset, dtype_bytes: int = 2) -> dict[str, int]:
-    """Bytes each component's weights will take once loaded with `preset`, counted on meta-device modules.
-
-    Quantized components: every nn.Linear weight packed to 4 or 8 bits plus its scales, except the
-    modules the model class keeps in full precision (T5's `wo`); all else at `dtype_bytes` each.
-    """
-    spec = preset.quantization
-    estimate = {}
-    for name, model in components.items():
-        quantized = name in spec.components
-        skip = tuple(getattr(model, "_keep_in_fp32_modules", None) or ()) if quantized else ()
-        total = 0.0
-        seen = set()
-        if quantized:
-            for mod_name, mod in model.named_modules():
-                if type(mod) is torch.nn.Linear and not any(s in mod_name.split(".") for s in skip):
-                    total += _quantized_weight_bytes(mod.weight.numel(), mod.out_features, spec)
-                    seen.add(id(mod.weight))
-        for t in list(model.parameters()) + list(model.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * dtype_bytes
-        estimate[name] = int(total)
-    return estimate
-
-
-def check_fits(required_bytes: float, available_bytes: float, preset: Preset, vram_limit_gb: float | None) -> None:
-    """Raise VortexInitializationError, with its structured fields, when the need exceeds what is available."""
-    if required_bytes <= available_bytes:
+def check_fits(plan: Plan, available: int, vram_limit_gb: float | None) -> None:
+    """Raise VortexInitializationError, with its structured fields, when the plan's peak exceeds what is available."""
+    if plan.peak_bytes <= available:
         return
     cap = f" (capped by vram_limit_gb={vram_limit_gb})" if vram_limit_gb is not None else ""
     raise VortexInitializationError(
-        f"FLUX.1-schnell with preset {preset.name} needs about {required_bytes / GB:.2f} GB of GPU memory "
-        f"(weights plus {preset.working_memory_gib} GiB working memory), but {available_bytes / GB:.2f} GB is "
-        f"available{cap}.",
-        required_vram_gb=round(required_bytes / GB, 3), available_vram_gb=round(available_bytes / GB, 3),
-        remediation="free GPU memory held by other processes, use a GPU with more memory, or choose a smaller "
-                    "quantization preset (nf4 is the smallest)")
-
-
-def preflight(source: ModelSource, preset: Preset, device: torch.device, vram_limit_gb: float | None) -> dict:
-    """Refuse before loading when the estimated need exceeds the GPU memory this process may use."""
-    weights = estimate_weight_bytes(meta_components(source.path), preset, compute_dtype(preset, device).itemsize)
-    required = sum(weights.values()) + preset.working_memory_gib * GIB
-    result = {"estimated_weight_bytes": weights, "required_gb": round(required / GB, 3), "available_gb": None}
-    if device.type != "cuda":
-        return result
-    free, _ = torch.cuda.mem_get_info(device)
-    available = free if vram_limit_gb is None else min(free, vram_limit_gb * GB - torch.cuda.memory_reserved(device))
-    result["available_gb"] = round(available / GB, 3)
-    check_fits(required, available, preset, vram_limit_gb)
-    return result
+        f"FLUX.1-schnell with preset {plan.preset} and placement {plan.placement} needs about "
+        f"{plan.peak_bytes / GB:.2f} GB of GPU memory at its peak ({plan.resident_bytes / GB:.2f} GB resident plus "
+        f"{plan.working_bytes / GB:.2f} GB working memory), but {available / GB:.2f} GB is available{cap}.",
+        required_vram_gb=round(plan.peak_bytes / GB, 3), available_vram_gb=round(available / GB, 3),
+        remediation="choose the vortex placement (the whole model within a 6 GB share), free GPU memory held by "
+                    "other processes, or use a GPU with more memory; `fluxkit plan` lists what fits")
 
 
 # ---- load -------------------------------------------------------------------------------------------
@@ -183,72 +141,178 @@ def _apply_vram_limit(device: torch.device, vram_limit_gb: float | None) -> None
     torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
-def _load_pipeline(source: ModelSource, preset: Preset, device: torch.device, dtype: torch.dtype):
-    from diffusers import FluxPipeline, PipelineQuantizationConfig
+def _load_transformer(folder: Path, preset: Preset, placement: PlacementSpec, plan: Plan, device: torch.device,
+                      dtype: torch.dtype):
+    """The transformer, quantized per preset; modulation layers the plan streams end up parked in host memory."""
+    from diffusers import FluxTransformer2DModel
 
     spec = preset.quantization
-    on_gpu = device.type == "cuda"
-    mapping = {name: bnb_config(spec, "diffusers" if name in DIFFUSERS_COMPONENTS else "transformers", dtype)
-               for name in spec.components if on_gpu or name not in DIFFUSERS_COMPONENTS}
-    kwargs = {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)} if mapping else {}
-    pipe = FluxPipeline.from_pretrained(source.path, dtype=dtype, use_safetensors=True, **kwargs)
-    for name in spec.components:
-        if name in DIFFUSERS_COMPONENTS and not on_gpu:
-            quantize_linear_layers(getattr(pipe, name), spec, dtype)
-    for name in WEIGHT_COMPONENTS:
-        module = getattr(pipe, name)
-        if not (getattr(module, "is_loaded_in_4bit", False) or getattr(module, "is_loaded_in_8bit", False)):
-            module.to(device)
-    if preset.vae_tile_size:
+    quantized = "transformer" in spec.components
+    streamed = plan.streamed_modulation
+    if device.type == "cuda" and quantized:
+        from accelerate.hooks import remove_hook_from_module
+
+        # Streamed layers load unquantized to host memory (accelerate's CPU offload) and are quantized one
+        # at a time below: the whole quantized transformer never has to fit the GPU share at once.
+        device_map = {"": device, **{name: "cpu" for name in streamed}}
+        transformer = FluxTransformer2DModel.from_pretrained(
+            folder / "transformer", dtype=dtype, device_map=device_map,
+            quantization_config=bnb_config(spec, "diffusers", dtype, skip=streamed))
+        if streamed:
+            remove_hook_from_module(transformer, recurse=True)  # puts the offloaded weights back on the host
+        parked = {n: quantize_to_host(transformer.get_submodule(n), spec, device, dtype, pin=True) for n in streamed}
+    else:
+        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=dtype)
+        if quantized:  # CPU: the same bitsandbytes layers, quantized on the CPU
+            quantize_linear_layers(transformer, spec, dtype)
+        pin = device.type == "cuda"
+        parked = {n: _Parked.from_linear(transformer.get_submodule(n), pin) for n in streamed}
+        for n in streamed:  # keep the parked layers' weights off the device
+            owner, attr = n.rsplit(".", 1)
+            setattr(transformer.get_submodule(owner), attr, torch.nn.Identity())
+        transformer.to(device)
+    tables = ModulationTables(transformer, parked, device, dtype) if placement.modulation == "fit" else None
+    return transformer, tables
+
+
+def _load_text_encoder_2(folder: Path, preset: Preset, placement: PlacementSpec, device: torch.device,
+                         dtype: torch.dtype):
+    from transformers import T5EncoderModel
+
+    path = folder / "text_encoder_2"
+    spec = preset.quantization
+    if placement.text_encoder_2 == "stream":
+        t5 = T5EncoderModel.from_pretrained(path, dtype=dtype)
+        if device.type == "cuda":
+            stream_text_encoder(t5, device)
+        return t5
+    if "text_encoder_2" in spec.components:
+        device_map = {"": device} if device.type == "cuda" else {"": "cpu"}
+        return T5EncoderModel.from_pretrained(path, dtype=dtype, device_map=device_map,
+                                              quantization_config=bnb_config(spec, "transformers", dtype))
+    return T5EncoderModel.from_pretrained(path, dtype=dtype).to(device)
+
+
+def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec, plan: Plan, device: torch.device,
+                   dtype: torch.dtype):
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel
+
+    folder = source.path
+    index = json.loads((folder / "model_index.json").read_text())  # its classes were checked by inspect_checkpoint
+    offload = placement.offload_between_calls and device.type == "cuda"
+    transformer, tables = _load_transformer(folder, preset, placement, plan, device, dtype)
+    if offload:
+        transformer.to("cpu")  # before T5 arrives: at most one quantized component on the GPU while loading
+    t5 = _load_text_encoder_2(folder, preset, placement, device, dtype)
+    if offload:
+        t5.to("cpu")
+    here = "cpu" if offload else device
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=dtype).to(here),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype).to(here),
+        tokenizer=getattr(transformers, index["tokenizer"][1]).from_pretrained(folder / "tokenizer"),
+        text_encoder_2=t5,
+        tokenizer_2=getattr(transformers, index["tokenizer_2"][1]).from_pretrained(folder / "tokenizer_2"),
+        transformer=transformer)
+    if placement.vae_tile_size:
         pipe.vae.enable_tiling()
-        pipe.vae.tile_sample_min_size = preset.vae_tile_size
-        pipe.vae.tile_latent_min_size = preset.vae_tile_size // pipe.vae_scale_factor
+        pipe.vae.tile_sample_min_size = placement.vae_tile_size
+        pipe.vae.tile_latent_min_size = placement.vae_tile_size // pipe.vae_scale_factor
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, tables
+
+
+def _check_arguments(quantization, placement, model, revision, vram_limit_gb, preflight_check):
+    try:
+        preset = load_preset(quantization)
+        spec = load_placement(placement if placement is not None else preset.placement)
+    except InputTypeError as err:
+        raise LoadInputTypeError(str(err)) from None
+    except InputError as err:
+        raise LoadInputError(str(err)) from None
+    if not isinstance(model, (str, os.PathLike)):
+        raise LoadInputTypeError(f"model must be a str or a path, got {type(model).__name__}")
+    if revision is not None and not isinstance(revision, str):
+        raise LoadInputTypeError(f"revision must be a str or None, got {type(revision).__name__}")
+    if not isinstance(preflight_check, bool):
+        raise LoadInputTypeError(f"preflight_check must be True or False, got {type(preflight_check).__name__}")
+    if vram_limit_gb is None and os.environ.get("FLUXKIT_VRAM_LIMIT_GB"):
+        vram_limit_gb = parse_positive_float("FLUXKIT_VRAM_LIMIT_GB", os.environ["FLUXKIT_VRAM_LIMIT_GB"],
+                                             errors=LOAD_ERRORS)
+    if vram_limit_gb is not None:
+        check_number("vram_limit_gb", vram_limit_gb, 0.001, 1e6, errors=LOAD_ERRORS)
+    return preset, spec, vram_limit_gb
 
 
 def load_flux_schnell(device: str | torch.device = "cuda", quantization: str | Preset = "nf4",
-                      model: str | os.PathLike = DEFAULT_MODEL, *, revision: str | None = None,
-                      vram_limit_gb: float | None = None, preflight_check: bool = True):
-    """Load FLUX.1-schnell, quantized per preset, ready for `FluxModel.generate`.
+                      model: str | os.PathLike = DEFAULT_MODEL, *, placement: str | PlacementSpec | None = None,
+                      revision: str | None = None, vram_limit_gb: float | None = None,
+                      preflight_check: bool = True) -> FluxModel:
+    """Load FLUX.1-schnell, quantized per preset and placed per placement, ready for `FluxModel.generate`.
 
     `model` is a Hub id resolved from the local cache only, a checkpoint folder, `synthetic-tiny` /
-    `synthetic-full`, or `auto`. `vram_limit_gb` (or env FLUXKIT_VRAM_LIMIT_GB) caps the GPU memory
-    this process may use, as on a smaller card. `preflight_check=False` skips the estimate and lets
-    the allocator decide (a real OOM is still converted). Raises VortexInitializationError.
+    `synthetic-full`, or `auto`. `placement` (default: the preset's) is `resident`, `vortex` (the
+    whole model within Vortex's GPU share) or `offload`. `vram_limit_gb` (or env FLUXKIT_VRAM_LIMIT_GB)
+    caps the GPU memory this process may use, as on a smaller card. `preflight_check=False` skips the
+    estimate and lets the allocator decide (a real OOM is still converted). Every failure raises
+    VortexInitializationError.
     """
-    from .generation import FluxModel
+    try:
+        return _load(device, quantization, model, placement, revision, vram_limit_gb, preflight_check)
+    except VortexInitializationError as err:
+        log.error(json.dumps(err.record()), extra={"structured": True})
+        raise
 
-    preset = quantization if isinstance(quantization, Preset) else load_preset(quantization)
-    if vram_limit_gb is None and os.environ.get("FLUXKIT_VRAM_LIMIT_GB"):
-        vram_limit_gb = float(os.environ["FLUXKIT_VRAM_LIMIT_GB"])
-    if vram_limit_gb is not None and not vram_limit_gb > 0:
-        raise ValueError(f"vram_limit_gb={vram_limit_gb}: must be a positive number of GB")
+
+def _load(device, quantization, model, placement, revision, vram_limit_gb, preflight_check) -> FluxModel:
+    preset, spec, vram_limit_gb = _check_arguments(quantization, placement, model, revision, vram_limit_gb,
+                                                   preflight_check)
     dev = resolve_device(device)
     if revision is None and str(model) in (preset.model.id, "auto"):
         revision = preset.model.revision
-    source = resolve_model(model, revision)
-    _apply_vram_limit(dev, vram_limit_gb)
-    estimate = preflight(source, preset, dev, vram_limit_gb) if preflight_check else None
-    dtype = compute_dtype(preset, dev)
-    records: list[PhaseMemory] = []
     start = time.perf_counter()
-    out_of_memory = False
+    try:
+        source = resolve_model(model, revision)
+        meta = inspect_checkpoint(source.path, source.describe())
+    except FluxkitError:
+        raise
+    except Exception as err:  # an unreadable folder, a full disk while building a synthetic checkpoint
+        raise VortexInitializationError(f"{model}: the checkpoint could not be read ({type(err).__name__}: {err}).",
+                                        remediation="check the path and its permissions, or rebuild it") from err
+    dtype = compute_dtype(preset, dev)
+    plan = plan_placement(meta, preset, spec, dtype.itemsize)
+    _apply_vram_limit(dev, vram_limit_gb)
+    if dev.type == "cuda" and preflight_check:
+        check_fits(plan, available_bytes(dev, vram_limit_gb), vram_limit_gb)
+    records: list[PhaseMemory] = []
+    out_of_memory, failure = False, None
     try:
         with track_phase(dev, "load", records):
-            pipe = _load_pipeline(source, preset, dev, dtype)
+            pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype)
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
+    except Exception as err:  # damage that only shows while reading: a corrupt tensor, an unloadable tokenizer
+        failure = err
+    if failure is not None:
+        release_device_memory(dev)
+        raise VortexInitializationError(
+            f"Loading {source.describe()} failed: {type(failure).__name__}: {failure}",
+            remediation="rebuild or re-download the checkpoint (`fluxkit synth`, `fluxkit download`); if it is "
+                        "intact, report this message as a fluxkit bug") from failure
     if out_of_memory:
         release_device_memory(dev)
-        free, _ = torch.cuda.mem_get_info(dev)
-        available = free if vram_limit_gb is None else min(free, vram_limit_gb * GB - torch.cuda.memory_reserved(dev))
         raise VortexInitializationError(
-            f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}); partial weights were released.",
-            required_vram_gb=estimate["required_gb"] if estimate else None,
-            available_vram_gb=round(available / GB, 3),
-            remediation="free GPU memory held by other processes, raise vram_limit_gb, or use a GPU with more memory")
+            f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}, {spec.name}); partial weights were "
+            "released.", required_vram_gb=round(plan.peak_bytes / GB, 3),
+            available_vram_gb=round(available_bytes(dev, vram_limit_gb) / GB, 3),
+            remediation="free GPU memory held by other processes, raise vram_limit_gb, choose the vortex placement, "
+                        "or use a GPU with more memory")
     load_s = time.perf_counter() - start
-    log.info("loaded %s (%s) on %s in %.1f s", source.describe(), preset.name, dev, load_s)
-    return FluxModel(pipe, preset=preset, source=source, device=dev, dtype=dtype, load_seconds=load_s,
-                     load_memory=records[0], preflight=estimate)
+    log.info("loaded %s (%s, %s) on %s in %.1f s", source.describe(), preset.name, spec.name, dev, load_s)
+    return FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
+                     load_seconds=load_s, load_memory=records[0], modulation=tables)

@@ -72,12 +72,14 @@ def weight_report(components: dict[str, torch.nn.Module]) -> dict[str, dict]:
 
 @dataclass
 class PhaseMemory:
+    """Device memory over one phase, in bytes (None on CPU)."""
+
     phase: str
-    allocated_gib: float | None
-    reserved_gib: float | None
-    peak_gib: float | None
-    rise_gib: float | None  # peak during the phase minus allocated at its start
-    peak_reserved_gib: float | None  # what the caching allocator held from the card at most
+    allocated: int | None  # at the end of the phase
+    reserved: int | None
+    peak: int | None  # peak allocated during the phase (the counter is reset at its start)
+    rise: int | None  # peak during the phase minus allocated at its start
+    peak_reserved: int | None  # what the caching allocator held from the card at most
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,9 +102,8 @@ def track_phase(device: torch.device, phase: str, records: list[PhaseMemory]):
     yield
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    records.append(PhaseMemory(
-        phase, round(torch.cuda.memory_allocated(device) / GIB, 4), round(torch.cuda.memory_reserved(device) / GIB, 4),
-        round(peak / GIB, 4), round((peak - start) / GIB, 4), round(torch.cuda.max_memory_reserved(device) / GIB, 4)))
+    records.append(PhaseMemory(phase, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device), peak,
+                               peak - start, torch.cuda.max_memory_reserved(device)))
 
 
 def device_snapshot(device: torch.device) -> dict:
@@ -124,54 +125,7 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _device_used(device: torch.device) -> int:
+def device_used(device: torch.device) -> int:
     """Memory in use on the whole card (CUDA context and other processes included), as nvidia-smi shows it."""
     free, total = torch.cuda.mem_get_info(device)
     return total - free
-
-
-def profile_vram(model, drift_calls: int = 20, prompt: str = "manic scientist, blue spiked hair, white lab coat",
-                 seed: int = 0) -> dict:
-    """The VRAM picture of a loaded model: weights per component (loaded, and estimated for every preset from
-    the same configs), memory per phase of one call, rise during a call, and drift over `drift_calls` calls."""
-    from .config import available_presets, load_preset
-    from .loading import estimate_weight_bytes, meta_components
-    from .synthetic import meta_components as full_size_components
-
-    if not isinstance(drift_calls, int) or drift_calls < 2:
-        raise ValueError(f"drift_calls={drift_calls!r}: need at least 2 calls to measure drift")
-    device = model.device
-    def by_preset(meta: dict) -> dict:
-        return {name: {k: both_units(v) for k, v in estimate_weight_bytes(meta, load_preset(name)).items()}
-                for name in available_presets()}
-
-    estimates = by_preset(meta_components(model.source.path))
-    full_size = by_preset(full_size_components("full"))  # FLUX.1-schnell's exact configs
-    model.generate(prompt, seed=seed)  # warm-up: one-time allocations are not drift
-    has_device = device_available(device)
-    before = torch.cuda.memory_allocated(device) if has_device else None
-    model.generate(prompt, seed=seed)
-    call = model.last_call
-    allocated = []
-    for i in range(drift_calls):
-        model.generate(prompt, seed=seed + i)
-        if has_device:
-            torch.cuda.synchronize(device)
-            allocated.append(torch.cuda.memory_allocated(device))
-    profile = {
-        "device_memory_available": has_device,
-        "note": None if has_device else CPU_NOTE,
-        "weights": model.weight_report(),
-        "estimated_weights_by_preset": estimates,
-        "full_size_weights_by_preset": full_size,
-        "timeline": [model.load_memory.to_dict()] + [m.to_dict() for m in call.memory],
-        "rise_during_generate": both_units(call.peak_gib * GIB - before) if has_device else None,
-        "peak_during_generate": both_units(call.peak_gib * GIB) if has_device else None,
-        "reserved_peak_during_generate":
-            both_units(max(m.peak_reserved_gib for m in call.memory) * GIB) if has_device else None,
-        "device_used_after_generate": both_units(_device_used(device)) if has_device else None,
-        "drift_calls": drift_calls,
-        "drift_allocated_bytes": allocated,
-        "drift": both_units(allocated[-1] - allocated[0]) if has_device else None,
-    }
-    return profile

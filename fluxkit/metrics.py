@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
+
 log = logging.getLogger("fluxkit")
 
 OUTLIER_MADS = 5.0
@@ -24,7 +26,7 @@ def summarize(values: list[float] | np.ndarray) -> dict:
     """Median, tails and spread of a sample; outliers are values above median + 5 MAD (scaled MAD)."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
-        raise ValueError("summarize needs at least one value")
+        raise InputError("summarize needs at least one value")
     median = float(np.median(x))
     mad = float(np.median(np.abs(x - median)) * 1.4826)
     limit = median + OUTLIER_MADS * mad
@@ -40,7 +42,7 @@ def summarize(values: list[float] | np.ndarray) -> dict:
 def _nchw(image: torch.Tensor) -> torch.Tensor:
     """(H, W, 3) float in [0, 1] -> (1, 3, H, W) float32 on CPU."""
     if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got shape {tuple(image.shape)}")
+        raise InputError(f"expected an (H, W, 3) image, got shape {tuple(image.shape)}")
     return image.detach().to("cpu", torch.float32).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -77,8 +79,9 @@ class ClipScorer:
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         from PIL import Image
 
-        array = (image.detach().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        pixels = self.preprocess(Image.fromarray(array)).unsqueeze(0)
+        from .images import to_uint8
+
+        pixels = self.preprocess(Image.fromarray(to_uint8(image))).unsqueeze(0)
         return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)[0]
 
     @torch.inference_mode()
@@ -100,13 +103,20 @@ class ClipScorer:
                 "are a plumbing check, not a quality measure")
 
 
-def _cached_weights(name: str, pretrained: str) -> str | None:
+def check_clip_name(name: str, pretrained: str) -> dict:
+    """open_clip's config of a backbone and pretrained tag; refuses names it does not know."""
     import open_clip
-    from huggingface_hub import try_to_load_from_cache
 
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
-        raise ValueError(f"clip model {name}/{pretrained}: unknown to open_clip; see open_clip.list_pretrained()")
+        raise InputError(f"clip model {name}/{pretrained}: unknown to open_clip; see open_clip.list_pretrained()")
+    return cfg
+
+
+def _cached_weights(name: str, pretrained: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = check_clip_name(name, pretrained)
     repo = cfg.get("hf_hub", "").strip("/")
     if not repo:
         return None

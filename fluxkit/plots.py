@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+GB = 10**9
 MB = 10**6
 
 
@@ -18,27 +19,41 @@ def _save(fig, out_dir: str | Path | None, name: str):
 
 
 def weight_bars(profile: dict, out_dir=None):
-    """Weight GiB per component for every preset: this checkpoint, and FLUX.1-schnell at full size."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = (("estimated_weights_by_preset", f"this checkpoint (loaded: {profile['weights']['total']['gib']:.4f} GiB "
-                                              f"measured)"),
-              ("full_size_weights_by_preset", "FLUX.1-schnell full size"))
+    """Weight GB per component for every preset (this checkpoint, and FLUX.1-schnell at full size), and the
+    GPU-resident GB of every placement at full size against Vortex's share."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("plans_this_checkpoint", f"this checkpoint (loaded: {profile['weights']['total']['gb']:.4f} GB "
+                                        "measured)"),
+              ("plans_full_size", "FLUX.1-schnell full size"))
+    components = [c for c in profile["weights"] if c != "total"]
     for ax, (key, title) in zip(axes, panels):
         presets = list(profile[key])
         bottom = np.zeros(len(presets))
-        for comp in [c for c in profile["weights"] if c != "total"]:
-            values = np.array([profile[key][p][comp]["gib"] for p in presets])
+        for comp in components:
+            values = np.array([profile[key][p]["resident"]["components"][comp]["weight_bytes"] / GB for p in presets])
             ax.bar(presets, values, bottom=bottom, label=comp)
             bottom += values
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("weights (GiB, bf16 where unquantized)")
-    axes[1].axhline(11.8e9 / 2**30, color="red", linestyle="--", label="11.8 GB")
+        ax.set_ylabel("weights (GB, model dtype where unquantized)")
     axes[1].legend(fontsize=8)
+    plans = profile["plans_full_size"]
+    presets = list(plans)
+    placements = list(plans[presets[0]])
+    width = 0.8 / len(placements)
+    for i, placement in enumerate(placements):
+        axes[2].bar(np.arange(len(presets)) + i * width, [plans[q][placement]["resident_bytes"] / GB for q in presets],
+                    width, label=f"{placement} resident")
+    share = plans[presets[0]][placements[0]]["budget_bytes"] / GB
+    axes[2].axhline(share, color="red", linestyle="--", label=f"Vortex share {share:.1f} GB")
+    axes[2].set_xticks(np.arange(len(presets)) + width * (len(placements) - 1) / 2, presets)
+    axes[2].set_title("full size: GPU-resident GB per placement", fontsize=10)
+    axes[2].set_ylabel("GB")
+    axes[2].legend(fontsize=8)
     return _save(fig, out_dir, "vram_weights")
 
 
-def memory_timeline(profile: dict, budget_gb: float, out_dir=None):
-    """Allocated / reserved / peak per phase against the Vortex total budget."""
+def memory_timeline(profile: dict, share_gb: float, out_dir=None):
+    """Allocated / reserved / peak per phase against Flux's share of the card."""
     rows = profile["timeline"]
     fig, ax = plt.subplots(figsize=(8, 4))
     if not profile["device_memory_available"]:
@@ -46,13 +61,36 @@ def memory_timeline(profile: dict, budget_gb: float, out_dir=None):
         ax.set_axis_off()
         return _save(fig, out_dir, "vram_timeline")
     x = np.arange(len(rows))
-    for key, style in (("allocated_gib", "o-"), ("reserved_gib", "s--"), ("peak_gib", "^:")):
-        ax.plot(x, [r[key] for r in rows], style, label=key.removesuffix("_gib"))
-    ax.axhline(budget_gb * 1e9 / 2**30, color="red", label=f"Vortex budget {budget_gb} GB")
+    for key, style in (("allocated", "o-"), ("reserved", "s--"), ("peak", "^:"), ("peak_reserved", "v-.")):
+        ax.plot(x, [r[key] / GB for r in rows], style, label=key)
+    ax.axhline(share_gb, color="red", label=f"Flux share {share_gb:.1f} GB")
     ax.set_xticks(x, [r["phase"] for r in rows])
-    ax.set_ylabel("GiB")
+    ax.set_ylabel("GB")
     ax.legend()
     return _save(fig, out_dir, "vram_timeline")
+
+
+def placements(table: list[dict], share_gb: float, out_dir=None):
+    """Each placement measured in a fresh process: resident and peak GB beside the plan, and P50 latency."""
+    rows = [r for r in table if "error" not in r]
+    fig, (mem, lat) = plt.subplots(1, 2, figsize=(12, 4))
+    x = np.arange(len(rows))
+    names = [r["placement"] for r in rows]
+    measured = rows and rows[0]["resident_gb"] is not None
+    if measured:
+        for i, (key, label) in enumerate((("resident_gb", "resident"), ("planned_resident_gb", "planned resident"),
+                                          ("peak_reserved_gb", "peak reserved"), ("planned_peak_gb", "planned peak"))):
+            mem.bar(x + i * 0.2, [r[key] for r in rows], 0.2, label=label)
+        mem.axhline(share_gb, color="red", linestyle="--", label=f"Flux share {share_gb:.1f} GB")
+        mem.set_xticks(x + 0.3, names)
+        mem.set_ylabel("GB")
+        mem.legend(fontsize=8)
+    else:
+        mem.text(0.5, 0.5, "device memory not measured on CPU", ha="center", va="center")
+        mem.set_axis_off()
+    lat.bar(names, [r["p50_s"] for r in rows])
+    lat.set_ylabel("P50 seconds per image")
+    return _save(fig, out_dir, "vram_placements")
 
 
 def drift(profile: dict, budget_mb: float, out_dir=None):

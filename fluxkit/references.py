@@ -1,29 +1,37 @@
 """Reference images: render them for a model, and regenerate-and-compare against them.
 
-`reference_images/manifest.json` records, per image, everything needed to make it again (prompt,
-seed, steps, size, model and revision or synthetic preset and seed, quantization, device, dtype,
-library versions) and its sha256, so a changed reference file is caught before it is trusted.
+`reference_images/manifest.json` records, per image, what made it: the generation request, the
+weights, the settings that change pixels (quantization, dtype, which components are quantized), the
+device and CPU kernel path, library versions, and the file's sha256. Float arithmetic differs in the
+last bits between machines, so a regenerated image is compared with a stated tolerance
+(`CROSS_MACHINE_PSNR_DB`); bit-for-bit equality holds only within one machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from .config import CONFIG_DIR
 from .environment import package_versions
+from .errors import InputError
 from .generation import FluxModel
+from .images import load_png, quantize_like_png, save_png
 from .metrics import ClipScorer, psnr, ssim
+from .version import __version__
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference_images"  # the repository's own set
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Measured: tiny references regenerated on another x86-64 CPU differ by 1/255 in 1.6-4.7% of pixels,
+# PSNR 61-66 dB. 40 dB leaves room for other kernel paths and still catches any real change.
+CROSS_MACHINE_PSNR_DB = 40.0
 
 
 def reference_dir() -> Path:
@@ -36,27 +44,30 @@ def reference_prompts() -> list[dict]:
 
 
 def model_key(model: FluxModel) -> dict:
-    """What a reference must share with the model under test to be comparable."""
+    """What a reference must share with the model under test to be comparable: weights and pixel-changing settings."""
     src = model.source
     if src.synthetic:
         weights = {"synthetic": {"preset": src.synthetic["preset"], "seed": src.synthetic["seed"]}}
     else:
         weights = {"id": src.model_id, "revision": src.revision}
-    return {**weights, "quantization": model.preset.name}
+    q = model.preset.quantization
+    quantized = sorted(c for c in q.components
+                       if not (c == "text_encoder_2" and model.placement.text_encoder_2 == "stream"))
+    return {**weights, "quantization": model.preset.name, "backend": q.backend, "quant_type": q.quant_type,
+            "double_quant": q.double_quant, "quantized_components": quantized, "dtype": model.info()["dtype"]}
 
 
 def _slug(key: dict) -> str:
-    if "synthetic" in key:
-        return f"synthetic-{key['synthetic']['preset']}-s{key['synthetic']['seed']}_{key['quantization']}"
-    return f"{key['id'].split('/')[-1]}-{(key['revision'] or 'local')[:8]}_{key['quantization']}"
+    weights = (f"synthetic-{key['synthetic']['preset']}-s{key['synthetic']['seed']}" if "synthetic" in key
+               else f"{key['id'].split('/')[-1]}-{(key['revision'] or 'local')[:8]}")
+    t5 = "" if "text_encoder_2" in key["quantized_components"] or key["backend"] == "none" else "-t5bf16"
+    return f"{weights}_{key['quantization']}{t5}"
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.detach().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-
-
-def load_image(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+def machine() -> dict:
+    """Where an image was computed: what decides its last bits."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
 
 
 def read_manifest(ref_dir: Path | None = None) -> dict:
@@ -66,39 +77,54 @@ def read_manifest(ref_dir: Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def build_references(model: FluxModel, ref_dir: Path | None = None) -> list[dict]:
-    """Render every reference prompt with `model`; replace this model's entries in the manifest."""
+def build_references(model: FluxModel, ref_dir: Path | None = None, overwrite: bool = False) -> list[dict]:
+    """Render every reference prompt with `model` and record them; existing images of this model are replaced
+    only with `overwrite=True`."""
     ref_dir = Path(ref_dir or reference_dir())
-    ref_dir.mkdir(parents=True, exist_ok=True)
     key = model_key(model)
-    gen = model.preset.generation
-    cases = []
-    for spec in reference_prompts():
-        image = model.generate(spec["prompt"], seed=spec["seed"])
-        filename = f"{_slug(key)}_{spec['name']}.png"
-        Image.fromarray(to_uint8(image)).save(ref_dir / filename)
-        cases.append({
-            "name": spec["name"], "file": filename, "prompt": spec["prompt"], "negative_prompt": "",
-            "seed": spec["seed"], "steps": gen.num_inference_steps, "guidance_scale": gen.guidance_scale,
-            "height": gen.height, "width": gen.width, "max_sequence_length": gen.max_sequence_length,
-            "model": key, "device": model.info()["device_name"], "dtype": model.info()["dtype"],
-            "versions": package_versions(), "sha256": hashlib.sha256((ref_dir / filename).read_bytes()).hexdigest()})
     manifest = read_manifest(ref_dir)
-    manifest["cases"] = [c for c in manifest["cases"] if c["model"] != key] + cases
+    specs = reference_prompts()
+    names = {f"{_slug(key)}_{s['name']}.png" for s in specs}
+    existing = [c["file"] for c in manifest["cases"] if c["model"] == key] + sorted(
+        n for n in names if (ref_dir / n).exists())
+    if existing and not overwrite:
+        raise InputError(f"{ref_dir} already holds reference images for {_slug(key)} ({len(set(existing))} files); "
+                         "pass overwrite=True (CLI: --overwrite) to replace them, or choose another folder (--out)")
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for spec in specs:
+        image = model.generate(spec["prompt"], seed=spec["seed"])
+        request = model.last_call.request
+        filename = f"{_slug(key)}_{spec['name']}.png"
+        save_png(image, ref_dir / filename)
+        cases.append({"name": spec["name"], "file": filename, "request": dataclasses.asdict(request), "model": key,
+                      "placement": model.placement.name, "device": model.info()["device_name"], "machine": machine(),
+                      "fluxkit_version": __version__, "versions": package_versions(),
+                      "sha256": hashlib.sha256((ref_dir / filename).read_bytes()).hexdigest()})
+    manifest = {"schema_version": SCHEMA_VERSION,
+                "cases": [c for c in manifest["cases"] if c["model"] != key] + cases}
     (ref_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return cases
 
 
 def matching_cases(model: FluxModel, ref_dir: Path | None = None) -> list[dict]:
-    """The manifest's cases made with this model and quantization; refuses when there are none."""
+    """The manifest's cases made with this model's weights and settings; refuses when there are none."""
     ref_dir = Path(ref_dir or reference_dir())
     key = model_key(model)
     cases = [c for c in read_manifest(ref_dir)["cases"] if c["model"] == key]
     if not cases:
-        raise ValueError(f"no reference images in {ref_dir} match the model under test ({_slug(key)}); "
-                         f"render them with `fluxkit references --model {model.source.model_id} "
-                         f"--quantization {model.preset.name}` and commit them")
+        raise InputError(f"no reference images in {ref_dir} match the model under test ({_slug(key)}); render them "
+                         f"with `fluxkit references --model {model.source.model_id} --quantization {model.preset.name} "
+                         f"--placement {model.placement.name}` and commit them")
     return cases
+
+
+def regenerate(model: FluxModel, case: dict) -> torch.Tensor:
+    """The image of a manifest case made again by `model`, as its PNG would load back."""
+    r = case["request"]
+    return quantize_like_png(model.generate(r["prompt"], negative_prompt=r["negative_prompt"],
+                                            num_inference_steps=r["num_inference_steps"], seed=r["seed"],
+                                            true_cfg_scale=r["true_cfg_scale"], height=r["height"], width=r["width"]))
 
 
 def compare_case(model: FluxModel, case: dict, clip: ClipScorer, cosine_min: float,
@@ -106,14 +132,12 @@ def compare_case(model: FluxModel, case: dict, clip: ClipScorer, cosine_min: flo
     """Regenerate one case and compare it with its reference image."""
     path = Path(ref_dir or reference_dir()) / case["file"]
     intact = path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == case["sha256"]
-    reference = load_image(path)
-    current = torch.from_numpy(to_uint8(model.generate(
-        case["prompt"], negative_prompt=case["negative_prompt"], num_inference_steps=case["steps"], seed=case["seed"],
-        height=case["height"], width=case["width"])).astype(np.float32) / 255.0)
+    reference = load_png(path)
+    current = regenerate(model, case)
     cosine = clip.image_cosine(current, reference)
-    result = {"name": case["name"], "prompt": case["prompt"], "seed": case["seed"], "reference_intact": intact,
-              "clip_score": clip.clip_score(current, case["prompt"]),
-              "reference_clip_score": clip.clip_score(reference, case["prompt"]),
+    result = {"name": case["name"], "prompt": case["request"]["prompt"], "seed": case["request"]["seed"],
+              "reference_intact": intact, "clip_score": clip.clip_score(current, case["request"]["prompt"]),
+              "reference_clip_score": clip.clip_score(reference, case["request"]["prompt"]),
               "clip_image_cosine": cosine, "psnr_db": psnr(current, reference), "ssim": ssim(current, reference),
               "max_abs_diff": float((current - reference).abs().max())}
     reasons = []

@@ -1,7 +1,8 @@
 """Report contents: per-notebook sections, budget verdicts, metrics.json (versioned schema), summary.md.
 
 A budget that only means something on the target GPU or on full-size weights is reported as
-"not applicable" with the reason, never silently passed.
+"not applicable" with the reason, never silently passed. Memory budgets read memory the way Vortex
+does: `memory_allocated()` after loading in a fresh process, peaks during a call, GB = 10**9 bytes.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import math
 from pathlib import Path
 
 from .config import Preset
+from .memory import GB, GIB
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "metrics.schema.json"
 PASS, FAIL, NA = "pass", "fail", "not applicable"
 
@@ -48,15 +50,20 @@ def _verdict(name: str, value, limit, unit: str, ok: bool | None, note: str = ""
     return {"name": name, "value": value, "limit": limit, "unit": unit, "status": status, "note": note}
 
 
+def _gb(nbytes: int | float) -> float:
+    return round(nbytes / GB, 4)
+
+
 def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
     """Verdicts for every budget of the preset from the figures the notebooks saved."""
     b = preset.budgets
-    model = metrics["model"]
-    full_size = model["synthetic"] is None or model["synthetic"]["preset"] == "full"
-    size_note = "" if full_size else "needs full-size weights (this run used the tiny synthetic checkpoint)"
+    synthetic = metrics["model"]["synthetic"]
+    full_size = synthetic is None or synthetic["preset"] == "full"
+    size_note = "needs full-size weights (this run used the tiny synthetic checkpoint)"
     vram, latency, quality = metrics.get("vram"), metrics.get("latency"), metrics.get("quality")
     on_gpu = bool(vram and vram.get("device_memory_available"))
-    gpu_note = "" if on_gpu else "device memory is not measured on CPU"
+    judged = on_gpu and full_size
+    why_not = "" if judged else ("device memory is not measured on CPU" if vram and not on_gpu else size_note)
     out = []
 
     if latency:
@@ -64,28 +71,34 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
         on_target = b.latency_target_device.lower() in metrics["device_name"].lower()
         note = "" if on_target and full_size else (
             f"budget is for {b.latency_target_device}; measured on {metrics['device_name']}" if full_size else size_note)
-        out.append(_verdict("p99_latency", round(p99, 4), b.p99_latency_s, "s", (p99 < b.p99_latency_s)
-                            if on_target and full_size else None, note))
+        out.append(_verdict("p99_latency", round(p99, 4), b.p99_latency_s, "s",
+                            (p99 < b.p99_latency_s) if on_target and full_size else None, note))
     if vram:
-        tw = vram["weights"]["transformer"]["gib"]
-        band = b.transformer_weights_gib
-        applicable = band is not None and full_size
-        out.append(_verdict("transformer_weights", tw, list(band) if band else None, "GiB",
-                            (band[0] <= tw <= band[1]) if applicable else None,
-                            size_note if band is not None and not full_size else ("" if band else "no band for this preset")))
-        gpu_full = on_gpu and full_size
-        note = gpu_note or size_note
+        resident = vram["resident_after_load"]["bytes"] if on_gpu else None
+        low, high = b.flux_resident_gb
+        out.append(_verdict("flux_resident", resident and _gb(resident), [low, high], "GB",
+                            (low * GB <= resident <= high * GB) if judged else None,
+                            f"memory_allocated() after loading = {resident / GIB:.4f} GiB" if judged else why_not))
+        if on_gpu:
+            peak_alloc = vram["peak_during_generate"]["bytes"]
+            peak_reserved = vram["reserved_peak_during_generate"]["bytes"]
+        peak = max(peak_alloc, peak_reserved) if on_gpu else None
+        out.append(_verdict("flux_peak", peak and _gb(peak), b.flux_peak_gb, "GB",
+                            (peak <= b.flux_peak_gb * GB) if judged else None,
+                            f"peak allocated {_gb(peak_alloc)} GB, peak reserved {_gb(peak_reserved)} GB "
+                            f"({peak / GIB:.4f} GiB at most)" if judged else why_not))
+        total = peak_reserved + b.rest_of_vortex_gb * GB if on_gpu else None
+        out.append(_verdict("vortex_total", total and _gb(total), b.vortex_total_gb, "GB",
+                            (total <= b.vortex_total_gb * GB) if judged else None,
+                            f"Flux peak reserved {_gb(peak_reserved)} GB + rest of Vortex {b.rest_of_vortex_gb} GB"
+                            if judged else why_not))
         rise = vram["rise_during_generate"]["bytes"] / 1e6 if on_gpu else None
         out.append(_verdict("generate_rise", rise and round(rise, 1), b.generate_rise_mb, "MB",
-                            (rise < b.generate_rise_mb) if gpu_full else None, "" if gpu_full else note))
+                            (rise < b.generate_rise_mb) if judged else None, "" if judged else why_not))
         drift = vram["drift"]["bytes"] / 1e6 if on_gpu else None
         out.append(_verdict("drift", drift and round(drift, 2), b.drift_mb, "MB",
-                            (abs(drift) < b.drift_mb) if on_gpu else None, gpu_note))
-        held = vram["reserved_peak_during_generate"]["gb"] if on_gpu else None
-        detail = (f"peak reserved by the allocator; peak allocated {vram['peak_during_generate']['gb']} GB, whole card "
-                  f"in use {vram['device_used_after_generate']['gb']} GB (CUDA context included)") if on_gpu else ""
-        out.append(_verdict("total_vram", held, b.total_vram_gb, "GB", (held <= b.total_vram_gb) if gpu_full else None,
-                            detail if gpu_full else "; ".join(filter(None, (note, detail)))))
+                            (abs(drift) < b.drift_mb) if on_gpu else None,
+                            f"over {vram['drift_calls']} calls" if on_gpu else "device memory is not measured on CPU"))
     if quality:
         cosines = [c["clip_image_cosine"] for c in quality["cases"]]
         failed = [c["name"] for c in quality["cases"] if not c["passed"]]
@@ -97,11 +110,30 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
     return out
 
 
+def figures(metrics: dict) -> list[tuple[str, str]]:
+    """Reported figures that are not pass/fail lines (units in the text)."""
+    vram = metrics.get("vram")
+    if not vram:
+        return []
+    w = vram["weights"]
+    rows = [("transformer weights", f"{w['transformer']['gib']} GiB ({w['transformer']['gb']} GB)"),
+            ("all weights", f"{w['total']['gib']} GiB ({w['total']['gb']} GB)")]
+    plan = vram["plan"]
+    rows.append(("planned resident / peak", f"{_gb(plan['resident_bytes'])} / {_gb(plan['peak_bytes'])} GB"))
+    rows.append(("host memory for streamed weights", f"{_gb(plan['host_bytes'])} GB"))
+    if vram["device_memory_available"]:
+        rows.append(("whole card in use after a call (CUDA context included)",
+                     f"{vram['device_used_after_generate']['gb']} GB"))
+    return rows
+
+
 def summary_markdown(metrics: dict) -> str:
+    placement = metrics.get("placement") or {}
     lines = [f"# fluxkit validation: {metrics['name']}", "",
              f"- {metrics['weights_statement']}",
-             f"- Model: {metrics['model']['description']}; preset `{metrics['quantization']}`; device "
-             f"{metrics['device_name']} ({metrics['device']}); dtype {metrics['dtype']}"]
+             f"- Model: {metrics['model']['description']}; preset `{metrics['quantization']}`; placement "
+             f"`{placement.get('name', 'unknown')}`; device {metrics['device_name']} ({metrics['device']}); "
+             f"dtype {metrics['dtype']}"]
     if metrics.get("quality"):
         lines.append(f"- CLIP backbone: {metrics['quality']['clip']}")
     lines += [f"- Created {metrics['created']} with fluxkit {metrics['fluxkit_version']}", "",
@@ -109,6 +141,9 @@ def summary_markdown(metrics: dict) -> str:
     for v in metrics["budgets"]:
         limit = "-".join(map(str, v["limit"])) if isinstance(v["limit"], list) else v["limit"]
         lines.append(f"| {v['name']} | {v['value']} | {limit} | {v['unit']} | **{v['status']}** | {v['note']} |")
+    rows = figures(metrics)
+    if rows:
+        lines += ["", "| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     lines += ["", "| notebook | status | html |", "|---|---|---|"]
     for name, status in metrics["notebooks"].items():
         lines.append(f"| {name} | {status} | [{name}.html]({name}.html) |")

@@ -18,11 +18,12 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .errors import InputError, VortexInitializationError
 
 MARKER_FILE = "fluxkit_synthetic.json"
 MAX_SHARD_BYTES = 5 * 10**9
@@ -74,13 +75,6 @@ MODEL_INDEX = {
 PRESETS = tuple(TRANSFORMER)
 
 
-@dataclass(frozen=True)
-class SyntheticInfo:
-    preset: str
-    seed: int
-    path: Path
-
-
 def default_cache_dir() -> Path:
     root = os.environ.get("FLUXKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fluxkit")
     return Path(root) / "synthetic"
@@ -89,7 +83,17 @@ def default_cache_dir() -> Path:
 def read_marker(folder: str | Path) -> dict | None:
     """The synthetic marker of a checkpoint folder, or None for a real checkpoint."""
     path = Path(folder) / MARKER_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VortexInitializationError(f"{path} is not a valid fluxkit marker ({err}).",
+                                        remediation="rebuild the folder with `fluxkit synth`") from None
+    if not isinstance(marker, dict):
+        raise VortexInitializationError(f"{path} is not a valid fluxkit marker.",
+                                        remediation="rebuild the folder with `fluxkit synth`")
+    return marker
 
 
 def ensure_synthetic(preset: str = "tiny", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
@@ -110,12 +114,12 @@ def write_synthetic(out: str | Path, preset: str = "tiny", seed: int = 0, device
     it is recorded in the marker because CPU and CUDA generators draw different numbers.
     """
     if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r}: must be a non-negative integer")
+        raise InputError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed={seed!r}: must be a non-negative integer")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not read_marker(out):
-        raise ValueError(f"out={out}: folder exists and is not a synthetic checkpoint; choose an empty folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not read_marker(out):
+        raise InputError(f"out={out}: exists and is not a synthetic checkpoint; choose a new or empty folder")
     if device is None:
         device = "cuda" if preset == "full" and torch.cuda.is_available() else "cpu"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +173,8 @@ def _builders(preset: str) -> list[tuple[str, object, str]]:
     ]
 
 
-def meta_components(preset: str = "full") -> dict[str, torch.nn.Module]:
-    """The components of a synthetic preset on the meta device: shapes without weights, for estimates."""
+def meta_model(preset: str = "full") -> dict[str, torch.nn.Module]:
+    """The components of a synthetic preset on the meta device; `full` is FLUX.1-schnell's exact shapes."""
     with torch.device("meta"):
         return {name: build() for name, build, _ in _builders(preset)}
 
@@ -239,8 +243,8 @@ def _progress(total: int, desc: str):
 def _write_clip_tokenizer(folder: Path) -> None:
     """The real CLIP BPE vocabulary, from the file open_clip ships (FACTS sec.5)."""
     import open_clip
-    from transformers import CLIPTokenizer
     from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
 
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]

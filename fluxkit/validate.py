@@ -1,6 +1,9 @@
 """`fluxkit validate`: run the notebooks through papermill into reports/<name>/ and judge the budgets.
 
-Writes the executed notebooks, their HTML, the plots (PNG), metrics.json and summary.md. Returns a
+The report is built in a hidden temporary folder beside its destination and moved into place only
+when it is complete (executed notebooks, HTML, plots, metrics.json, summary.md), replacing an earlier
+report of the same name as a whole. An interrupted or crashed run leaves the earlier report as it was
+and nothing of its own: no "pass" is ever shown next to notebooks it did not come from. Returns a
 non-zero exit code when a notebook fails (its executed copy is still saved) or a budget fails.
 """
 from __future__ import annotations
@@ -8,14 +11,28 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from .config import load_preset, preset_to_dict
+from .checks import check_number
+from .config import load_placement, load_preset, preset_to_dict
 from .environment import environment
+from .errors import InputError
 from .hub import resolve_model
-from .report import (evaluate_budgets, save_section, summary_markdown, validate_metrics,
-                     weights_statement)
+from .placement import describe
+from .report import (
+    SCHEMA_VERSION,
+    evaluate_budgets,
+    save_section,
+    summary_markdown,
+    validate_metrics,
+    weights_statement,
+)
+from .version import __version__
 
 log = logging.getLogger("fluxkit")
 
@@ -23,6 +40,7 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = ("01_vram_profile", "02_latency", "03_quality_regression")
 SECTIONS = {"01_vram_profile": "vram", "02_latency": "latency", "03_quality_regression": "quality"}
 KERNEL = "fluxkit"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def ensure_kernel() -> str:
@@ -39,7 +57,15 @@ def ensure_kernel() -> str:
     return KERNEL
 
 
-def default_name(model: str, device: str, quantization: str) -> str:
+def check_report_name(name: object) -> str:
+    """A report name is one folder name inside the reports folder: no separators, no '..', no absolute path."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise InputError(f"name={name!r}: a report name is one folder name (letters, digits, '.', '_', '-'; up to "
+                         "128 characters, not starting with '.'); it is created inside the reports folder")
+    return name
+
+
+def default_name(model: str, device: str, quantization: str, placement: str) -> str:
     import torch
 
     source = resolve_model(model)
@@ -47,7 +73,7 @@ def default_name(model: str, device: str, quantization: str) -> str:
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda"):
         dev = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
-    return f"{datetime.date.today().isoformat()}-{dev}-{weights}-{quantization}"
+    return check_report_name(f"{datetime.date.today().isoformat()}-{dev}-{weights}-{quantization}-{placement}")
 
 
 def html_of(notebook: Path) -> Path:
@@ -59,60 +85,85 @@ def html_of(notebook: Path) -> Path:
     return out
 
 
-def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", name: str | None = None,
-             out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20, seed: int = 0,
-             clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", progress: bool = True) -> tuple[Path, int]:
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by the finished `work` folder as a whole."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+        out_dir.rename(old)
+    work.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
+             name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
+             seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai",
+             progress: bool = True) -> tuple[Path, int]:
     """Run every notebook and write the report; returns (report folder, exit code)."""
     import papermill
     from tqdm.auto import tqdm
 
-    from . import __version__
-
     preset = load_preset(quantization)
-    out_dir = Path(out_root) / (name or default_name(model, device, quantization))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    placement = load_placement(placement or preset.placement).name
+    check_number("iterations", iterations, 1, 100_000, integer=True)
+    check_number("drift_calls", drift_calls, 2, 100_000, integer=True)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    out_root = Path(out_root)
+    name = check_report_name(name) if name is not None else default_name(model, device, quantization, placement)
+    out_dir = out_root / name
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} exists and is not a folder; choose another --name or --out-root")
+    out_root.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kernel()
-    parameters = dict(model=model, device=device, quantization=quantization, seed=seed, out_dir=str(out_dir.resolve()),
-                      iterations=iterations, drift_calls=drift_calls, clip_model=clip_model,
+    parameters = dict(model=str(model), device=device, quantization=quantization, placement=placement, seed=seed,
+                      out_dir=".", iterations=iterations, drift_calls=drift_calls, clip_model=clip_model,
                       clip_pretrained=clip_pretrained)
-    status = {}
-    for nb in tqdm(NOTEBOOKS, desc="fluxkit validate", unit="notebook", disable=not progress):
-        executed = out_dir / f"{nb}.ipynb"
-        try:
-            papermill.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(executed), parameters=parameters,
-                                       kernel_name=kernel, progress_bar=False, cwd=str(out_dir))
-            status[nb] = "ok"
-        except Exception as err:  # papermill's execution error, or a kernel that died: the notebook is saved
-            log.error("notebook %s failed: %s", nb, str(err).strip().splitlines()[-1] if str(err).strip() else err)
-            status[nb] = "failed"
-        if executed.exists():
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.incomplete-", dir=out_root))
+    try:
+        status = {}
+        for nb in tqdm(NOTEBOOKS, desc="fluxkit validate", unit="notebook", disable=not progress):
+            executed = work / f"{nb}.ipynb"
             try:
-                html_of(executed)
-            except Exception as err:  # a missing nbconvert template must not cost the rest of the report
-                log.error("HTML rendering of %s failed: %s", nb, err)
-    metrics = _collect(out_dir, status, preset, parameters, __version__)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(summary_markdown(metrics))
+                papermill.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(executed), parameters=parameters,
+                                           kernel_name=kernel, progress_bar=False, cwd=str(work))
+                status[nb] = "ok"
+            except Exception as err:  # papermill's execution error, or a kernel that died: the notebook is saved
+                log.error("notebook %s failed: %s", nb, str(err).strip().splitlines()[-1] if str(err).strip() else err)
+                status[nb] = "failed"
+            if executed.exists():
+                try:
+                    html_of(executed)
+                except Exception as err:  # a missing nbconvert template must not cost the rest of the report
+                    log.error("HTML rendering of %s failed: %s", nb, err)
+        metrics = _collect(work, name, status, preset, parameters)
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (work / "summary.md").write_text(summary_markdown(metrics))
+        _move_into_place(work, out_dir)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
     return out_dir, 0 if metrics["verdict"] == "pass" else 1
 
 
-def _collect(out_dir: Path, status: dict, preset, parameters: dict, version: str) -> dict:
+def _collect(work: Path, name: str, status: dict, preset, parameters: dict) -> dict:
     sections = {}
     for nb, section in SECTIONS.items():
-        path = out_dir / f"{section}.json"
+        path = work / f"{section}.json"
         if status.get(nb) == "ok" and path.is_file():
             sections[section] = json.loads(path.read_text())
-    info = json.loads((out_dir / "model.json").read_text()) if (out_dir / "model.json").is_file() else None
+    info = json.loads((work / "model.json").read_text()) if (work / "model.json").is_file() else None
     if info is None:  # no notebook got as far as loading the model
         source = resolve_model(parameters["model"])
         info = {"model": source.to_dict(), "device": parameters["device"], "device_name": "unknown",
-                "dtype": "unknown"}
+                "dtype": "unknown", "placement": describe(load_placement(parameters["placement"]), None)}
     metrics = {
-        "schema_version": 1, "name": out_dir.name, "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "fluxkit_version": version, "environment": environment(), "model": info["model"],
-        "is_synthetic": info["model"]["synthetic"] is not None, "weights_statement": weights_statement(info),
-        "quantization": preset.name, "preset": preset_to_dict(preset), "device": info["device"],
-        "device_name": info["device_name"], "dtype": info["dtype"], "parameters": parameters,
+        "schema_version": SCHEMA_VERSION, "name": name,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"), "fluxkit_version": __version__,
+        "environment": environment(), "model": info["model"], "is_synthetic": info["model"]["synthetic"] is not None,
+        "weights_statement": weights_statement(info), "quantization": preset.name, "preset": preset_to_dict(preset),
+        "placement": info["placement"], "device": info["device"], "device_name": info["device_name"],
+        "dtype": info["dtype"], "parameters": parameters,
         "notebooks": {nb: status.get(nb, "not run") for nb in NOTEBOOKS}, **sections,
     }
     metrics["budgets"] = evaluate_budgets(metrics, preset)
@@ -122,6 +173,6 @@ def _collect(out_dir: Path, status: dict, preset, parameters: dict, version: str
     return metrics
 
 
-def record_model(out_dir: str | Path, model) -> None:
+def record_model(out_dir: str | Path | None, model) -> None:
     """Saved by each notebook once its model is loaded: what ran, for metrics.json."""
     save_section(out_dir, "model", model.info())

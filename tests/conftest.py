@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-PROMPT = "manic scientist, blue spiked hair, white lab coat"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,8 +46,6 @@ def tiny_model(tiny_dir):
 @pytest.fixture(scope="session")
 def full_dir(cache_dir):
     """The full-size synthetic checkpoint: FLUXKIT_FULL_CHECKPOINT if set (built once on the host), else built here."""
-    from pathlib import Path
-
     from fluxkit.synthetic import ensure_synthetic
 
     given = os.environ.get("FLUXKIT_FULL_CHECKPOINT")

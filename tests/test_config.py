@@ -1,46 +1,71 @@
 import pytest
 
-from fluxkit.config import available_presets, load_preset
+from fluxkit.config import (CONFIG_DIR, ConfigError, available_placements, available_presets, load_placement,
+                            load_preset)
+from fluxkit.errors import InputError, InputTypeError
+
+NF4 = (CONFIG_DIR / "flux_schnell_nf4.yaml").read_text()
 
 
-def test_every_preset_validates():
+def test_every_preset_and_placement_validates():
     assert set(available_presets()) == {"bf16", "fp4", "int8", "nf4"}
     for name in available_presets():
         preset = load_preset(name)
         assert preset.name == name
-        assert preset.generation.num_inference_steps == 4
-        assert preset.generation.guidance_scale == 0.0
-        assert preset.generation.max_sequence_length == 256
+        assert (preset.generation.num_inference_steps, preset.generation.max_sequence_length) == (4, 256)
+    assert available_placements() == ["resident", "vortex", "offload"]
+    assert load_placement("vortex").text_encoder_2 == "stream" and load_placement("vortex").modulation == "fit"
+    assert load_placement("offload").offload_between_calls
 
 
-def test_nf4_preset_is_the_seed_setting():
+def test_nf4_preset_is_the_vortex_setting():
     q = load_preset("nf4").quantization
-    assert (q.backend, q.quant_type, q.compute_dtype, q.double_quant) == ("bitsandbytes_4bit", "nf4", "bfloat16", False)
+    assert (q.backend, q.quant_type, q.double_quant) == ("bitsandbytes_4bit", "nf4", True)
     assert q.components == ("transformer", "text_encoder_2")
+    assert load_preset("nf4").budgets.flux_share_gb == pytest.approx(6.0)
 
 
-def test_unknown_key_is_an_error(tmp_path):
-    text = (load_preset.__globals__["CONFIG_DIR"] / "flux_schnell_nf4.yaml").read_text()
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("double_quant: false", "double_quant: false\n  double_quantt: true"))
-    with pytest.raises(ValueError, match="unknown key.*double_quantt"):
-        load_preset(bad)
+def _bad(tmp_path, old, new):
+    assert old in NF4, old
+    path = tmp_path / "bad.yaml"
+    path.write_text(NF4.replace(old, new))
+    return path
 
 
 @pytest.mark.parametrize("old,new,match", [
+    ("double_quant: true", "double_quant: true\n  double_quantt: true", r"unknown key.*double_quantt"),
     ("quant_type: nf4", "quant_type: nf5", "quant_type"),
     ("height: 512", "height: 500", "multiple of 16"),
     ("num_inference_steps: 4", "num_inference_steps: 0", "1..50"),
     ("components: [transformer, text_encoder_2]", "components: [unet]", "components"),
+    ("height: 512", "height: '512'", r"generation\.height: expected an integer, got '512'"),
+    ("num_inference_steps: 4", "num_inference_steps: 2.5", r"num_inference_steps: expected an integer, got 2.5"),
+    ("drift_mb: 50", "drift_mb: fifty", r"budgets\.drift_mb: expected a number, got 'fifty'"),
+    ("double_quant: true", "double_quant: 1", r"double_quant: expected true or false"),
+    ("flux_resident_gb: [5.5, 6.5]", "flux_resident_gb: 6", r"flux_resident_gb: expected a list"),
+    ("flux_resident_gb: [5.5, 6.5]", "flux_resident_gb: [6.5, 5.5]", "low <= high"),
+    ("placement: resident", "placement: everywhere", r"placement='everywhere'.*resident, vortex, offload"),
+    ("budgets:", "budgets: 3\nunused:", r"unknown key"),
 ])
-def test_bad_values_name_the_field(tmp_path, old, new, match):
-    text = (load_preset.__globals__["CONFIG_DIR"] / "flux_schnell_nf4.yaml").read_text()
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace(old, new))
-    with pytest.raises(ValueError, match=match):
-        load_preset(bad)
+def test_bad_values_name_the_file_and_key(tmp_path, old, new, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        load_preset(_bad(tmp_path, old, new))
+    assert isinstance(info.value, ValueError)
 
 
-def test_unknown_preset_name_lists_choices():
-    with pytest.raises(ValueError, match="nf4"):
+def test_a_preset_that_is_not_yaml_is_refused(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_preset(path)
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(InputError, match="nf4"):
         load_preset("nf3")
+    with pytest.raises(InputError, match="resident, vortex, offload"):
+        load_placement("gpu")
+    with pytest.raises(InputTypeError, match="quantization must be a preset name"):
+        load_preset(None)
+    with pytest.raises(InputTypeError, match="placement must be a str"):
+        load_placement(3)

@@ -1,11 +1,12 @@
+import dataclasses
 import logging
 import threading
 
 import pytest
 import torch
 
-from conftest import PROMPT
-from fluxkit.generation import clean_prompt
+from fluxkit import load_flux_schnell, load_preset
+from helpers import PROMPT
 
 
 def test_image_shape_dtype_range(tiny_model):
@@ -18,8 +19,7 @@ def test_image_shape_dtype_range(tiny_model):
 
 def test_writes_into_the_given_buffer(tiny_model):
     buffer = torch.full((512, 512, 3), -1.0)
-    result = tiny_model.generate(PROMPT, seed=0, output=buffer)
-    assert result is buffer
+    assert tiny_model.generate(PROMPT, seed=0, output=buffer) is buffer
     assert buffer.min() >= 0.0
     assert torch.equal(buffer, tiny_model.generate(PROMPT, seed=0))
 
@@ -27,8 +27,7 @@ def test_writes_into_the_given_buffer(tiny_model):
 def test_same_seed_is_bit_identical_other_seed_differs(tiny_model):
     a = tiny_model.generate(PROMPT, seed=7)
     torch.manual_seed(123)  # the global RNG must not matter
-    b = tiny_model.generate(PROMPT, seed=7)
-    assert torch.equal(a, b)
+    assert torch.equal(a, tiny_model.generate(PROMPT, seed=7))
     assert not torch.equal(a, tiny_model.generate(PROMPT, seed=8))
 
 
@@ -39,24 +38,63 @@ def test_seed_none_is_drawn_and_reproducible(tiny_model):
     assert torch.equal(a, tiny_model.generate(PROMPT, seed=seed))
 
 
-def test_long_prompt_is_truncated_with_warnings(tiny_model, caplog):
+def test_each_thread_learns_the_seed_of_its_own_image(tiny_model):
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            image = tiny_model.generate(PROMPT)
+            results[i] = (image, tiny_model.last_seed)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len({seed for _, seed in results.values()}) == 4
+    for image, seed in results.values():
+        assert torch.equal(image, tiny_model.generate(PROMPT, seed=seed))
+
+
+def test_concurrent_calls_are_serialized(tiny_model):
+    expected = {s: tiny_model.generate(PROMPT, seed=s) for s in range(3)}
+    results = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, tiny_model.generate(PROMPT, seed=s)))
+               for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[s], expected[s]) for s in range(3))
+
+
+def test_the_preset_steps_are_the_default(tiny_dir, tiny_model):
+    two = dataclasses.replace(load_preset("nf4"), generation=dataclasses.replace(load_preset("nf4").generation,
+                                                                                   num_inference_steps=2))
+    model = load_flux_schnell(device="cpu", quantization=two, model=tiny_dir)
+    image = model.generate(PROMPT, seed=1)
+    assert model.last_call.request.num_inference_steps == 2
+    assert torch.equal(image, tiny_model.generate(PROMPT, seed=1, num_inference_steps=2))
+    assert not torch.equal(image, tiny_model.generate(PROMPT, seed=1))
+
+
+def test_long_prompt_is_truncated_with_short_warnings(tiny_model, caplog):
     long_prompt = " ".join(["a tall red lighthouse on a cliff"] * 60)
-    with caplog.at_level(logging.WARNING, logger="fluxkit"):
+    with caplog.at_level(logging.WARNING):
         image = tiny_model.generate(long_prompt, seed=0)
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("Prompt truncated to 77 tokens") for m in messages)
-    assert any("truncated to 256 T5 tokens" in m for m in messages)
+    assert any(m.startswith("Prompt truncated to 77 CLIP tokens") for m in messages)
+    assert any(m.startswith("Prompt truncated to 256 T5 tokens") for m in messages)
     assert image.shape == (512, 512, 3)
 
 
-def test_hundred_thousand_characters(tiny_model):
-    image = tiny_model.generate("x" * 100_000, seed=0)
+def test_a_hundred_thousand_characters_stay_out_of_the_log(tiny_model, caplog):
+    with caplog.at_level(logging.DEBUG):
+        image = tiny_model.generate("lighthouse " * 9091, seed=0)
     assert image.shape == (512, 512, 3) and torch.isfinite(image).all()
-
-
-def test_control_characters_are_removed(tiny_model):
-    assert clean_prompt("a\x00 red\tcube\n\x1b") == "a red cube"
-    assert torch.equal(tiny_model.generate("a red\x07 cube\x00", seed=3), tiny_model.generate("a red cube", seed=3))
+    assert sum(len(r.getMessage()) for r in caplog.records) < 2000  # diffusers echoed ~200 KB of removed text
 
 
 def test_negative_prompt_acts_only_through_true_cfg(tiny_model, caplog):
@@ -66,59 +104,41 @@ def test_negative_prompt_acts_only_through_true_cfg(tiny_model, caplog):
     assert torch.equal(plain, ignored)
     assert any("negative_prompt has no effect" in r.getMessage() for r in caplog.records)
     guided = tiny_model.generate(PROMPT, seed=5, negative_prompt="blurry", true_cfg_scale=4.0)
-    assert tiny_model.last_call.true_cfg
-    assert not torch.equal(plain, guided)
+    assert tiny_model.last_call.true_cfg and not torch.equal(plain, guided)
 
 
 def test_guidance_scale_is_ignored(tiny_model):
     assert torch.equal(tiny_model.generate(PROMPT, seed=2), tiny_model.generate(PROMPT, seed=2, guidance_scale=3.5))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(prompt=None), TypeError, "prompt must be a str"),
-    (dict(prompt=42), TypeError, "prompt must be a str"),
-    (dict(prompt=["a", "b"]), TypeError, "prompt must be a str"),
-    (dict(prompt=""), ValueError, "prompt is empty"),
-    (dict(prompt=" \n\t "), ValueError, "prompt is empty"),
-    (dict(negative_prompt=3), TypeError, "negative_prompt must be a str"),
-    (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
-    (dict(num_inference_steps=51), ValueError, "num_inference_steps"),
-    (dict(num_inference_steps=2.5), TypeError, "num_inference_steps"),
-    (dict(num_inference_steps=True), TypeError, "num_inference_steps"),
-    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
-    (dict(guidance_scale=-1), ValueError, "guidance_scale"),
-    (dict(true_cfg_scale=float("inf")), ValueError, "true_cfg_scale"),
-    (dict(seed=-1), ValueError, "seed"),
-    (dict(seed=2**63), ValueError, "seed"),
-    (dict(seed="1"), TypeError, "seed"),
-    (dict(height=500), ValueError, "height=500: must be a multiple of 16"),
-    (dict(width=32), ValueError, "width"),
-    (dict(output=torch.zeros(256, 256, 3)), ValueError, "output has shape"),
-    (dict(output=torch.zeros(512, 512, 3, dtype=torch.float16)), ValueError, "float32"),
-    (dict(output=torch.zeros(3, 512, 512).permute(1, 2, 0)), ValueError, "contiguous"),
-    (dict(output=[0.0]), TypeError, "output must be a torch.Tensor"),
-])
-def test_bad_input_is_refused_and_the_model_stays_usable(tiny_model, kwargs, error, match):
-    args = {"prompt": PROMPT, **kwargs}
-    with pytest.raises(error, match=match):
-        tiny_model.generate(args.pop("prompt"), **args)
+def test_bad_input_leaves_the_model_usable(tiny_model):
+    with pytest.raises(ValueError):
+        tiny_model.generate(PROMPT, seed=-1)
+    with pytest.raises(TypeError):
+        tiny_model.generate(None)
     assert tiny_model.generate(PROMPT, seed=0).shape == (512, 512, 3)
 
 
-def test_concurrent_calls_are_serialized(tiny_model):
-    expected = {s: tiny_model.generate(PROMPT, seed=s) for s in range(3)}
-    results, errors = {}, []
+def test_prompt_cache_gives_the_same_image(tiny_dir):
+    cached = load_flux_schnell(device="cpu", model=tiny_dir)
+    uncached = load_flux_schnell(device="cpu", model=tiny_dir, quantization=dataclasses.replace(
+        load_preset("nf4"), prompt_cache_size=0))
+    first = cached.generate(PROMPT, seed=3)
+    assert cached.last_call.prompt_cache_hits == 0
+    second = cached.generate(PROMPT, seed=3)
+    assert cached.last_call.prompt_cache_hits == 1 and cached.prompt_cache.hits == 1
+    assert torch.equal(first, second) and torch.equal(second, uncached.generate(PROMPT, seed=3))
+    uncached.generate(PROMPT, seed=3)
+    assert uncached.last_call.prompt_cache_hits == 0 and not uncached.prompt_cache.entries
 
-    def work(seed):
-        try:
-            results[seed] = tiny_model.generate(PROMPT, seed=seed)
-        except Exception as err:  # surfaced below
-            errors.append(err)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert all(torch.equal(results[s], expected[s]) for s in range(3))
+def test_prompt_cache_keys_on_every_setting_and_evicts_the_oldest(tiny_dir):
+    small = dataclasses.replace(load_preset("nf4"), prompt_cache_size=2)
+    model = load_flux_schnell(device="cpu", model=tiny_dir, quantization=small)
+    for text in ("a", "b", "c"):
+        model.generate(text, seed=0)
+    assert [k[0] for k in model.prompt_cache.entries] == ["b", "c"]
+    shorter = dataclasses.replace(small, generation=dataclasses.replace(small.generation, max_sequence_length=128))
+    other = load_flux_schnell(device="cpu", model=tiny_dir, quantization=shorter)
+    other.generate("b", seed=0)
+    assert other.last_call.prompt_cache_hits == 0 and list(other.prompt_cache.entries) == [("b", 128)]

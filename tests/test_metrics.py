@@ -45,13 +45,40 @@ def clip():
     return load_clip("ViT-B-32", "openai")
 
 
-def test_random_clip_is_labelled_and_scores_are_bounded(clip):
-    assert not clip.real and "plumbing check" in clip.describe()
+def test_clip_says_what_it_is(clip):
+    if clip.real:
+        assert "pretrained weights from the local cache" in clip.describe()
+    else:
+        assert "plumbing check" in clip.describe()
     image = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(1))
-    score = clip.clip_score(image, "a photo of a cat")
-    assert 0.0 <= score <= 100.0
     assert clip.image_cosine(image, image) == pytest.approx(1.0, abs=1e-5)
-    assert -1.0 <= clip.image_cosine(image, 1 - image) <= 1.0
+
+
+class _FixedFeatures(torch.nn.Module):
+    """Stands in for a CLIP backbone with known embeddings, to check the score's definition."""
+
+    def __init__(self, image, text):
+        super().__init__()
+        self.image, self.text = torch.tensor([image]), torch.tensor([text])
+
+    def encode_image(self, pixels):
+        return self.image
+
+    def encode_text(self, tokens):
+        return self.text
+
+
+@pytest.mark.parametrize("image,text,expected", [
+    ([1.0, 0.0], [1.0, 0.0], 100.0),
+    ([3.0, 4.0], [4.0, 3.0], 96.0),  # cos = 24 / 25
+    ([1.0, 0.0], [-1.0, 0.0], 0.0),  # negative cosine clips to 0
+])
+def test_clip_score_is_100_times_the_clipped_cosine(image, text, expected):
+    from fluxkit.metrics import ClipScorer
+
+    scorer = ClipScorer(_FixedFeatures(image, text), lambda img: torch.zeros(3, 4, 4), lambda texts: None, "fixed",
+                        "none", real=False)
+    assert scorer.clip_score(torch.zeros(4, 4, 3), "anything") == pytest.approx(expected)
 
 
 def test_clip_is_seeded(clip):

@@ -1,28 +1,52 @@
+"""Reference images: what made each one is recorded; regenerated images match within the stated tolerance
+across machines and bit for bit within one."""
 import json
 import shutil
 
 import pytest
+import torch
 
-from fluxkit.references import (REFERENCE_DIR, build_references, matching_cases, model_key, read_manifest,
-                                reference_prompts)
+from fluxkit.images import load_png
+from fluxkit.metrics import psnr
+from fluxkit.references import (CROSS_MACHINE_PSNR_DB, REFERENCE_DIR, build_references, matching_cases, model_key,
+                                read_manifest, reference_prompts, regenerate)
 
 
-def test_committed_references_match_the_tiny_model(tiny_model):
+def test_committed_references_record_what_made_them(tiny_model):
     cases = matching_cases(tiny_model)
     assert {c["name"] for c in cases} == {p["name"] for p in reference_prompts()}
-    assert any(c["prompt"] == "manic scientist, blue spiked hair, white lab coat" for c in cases)
     for c in cases:
         assert (REFERENCE_DIR / c["file"]).is_file()
-        assert c["model"]["synthetic"] == {"preset": "tiny", "seed": 0}
-        for key in ("seed", "steps", "guidance_scale", "height", "width", "device", "dtype", "versions", "sha256"):
-            assert key in c
+        assert c["model"] == model_key(tiny_model) and c["model"]["double_quant"] is True
+        assert set(c["request"]) == {"prompt", "negative_prompt", "seed", "num_inference_steps", "true_cfg_scale",
+                                     "height", "width", "max_sequence_length"}
+        for key in ("placement", "device", "machine", "versions", "fluxkit_version", "sha256"):
+            assert c[key], key
 
 
-def test_rebuilding_reproduces_the_committed_images(tiny_model, tmp_path):
-    cases = build_references(tiny_model, tmp_path)
-    committed = {c["name"]: c for c in matching_cases(tiny_model)}
-    for c in cases:
-        assert c["sha256"] == committed[c["name"]]["sha256"], c["name"]
+def test_regenerated_references_match_within_the_cross_machine_tolerance(tiny_model):
+    for case in matching_cases(tiny_model):
+        current = regenerate(tiny_model, case)
+        assert psnr(current, load_png(REFERENCE_DIR / case["file"])) >= CROSS_MACHINE_PSNR_DB, case["name"]
+
+
+def test_within_one_machine_rebuilding_is_bit_identical(tiny_model, tmp_path):
+    first = build_references(tiny_model, tmp_path / "a")
+    second = build_references(tiny_model, tmp_path / "b")
+    assert [c["sha256"] for c in first] == [c["sha256"] for c in second]
+    for c in first:
+        assert torch.equal(load_png(tmp_path / "a" / c["file"]), regenerate(tiny_model, c))
+
+
+def test_existing_references_are_not_overwritten_without_asking(tiny_model, tmp_path):
+    refs = tmp_path / "refs"
+    shutil.copytree(REFERENCE_DIR, refs)
+    before = {p.name: p.read_bytes() for p in refs.iterdir()}
+    with pytest.raises(ValueError, match="already holds reference images.*overwrite=True"):
+        build_references(tiny_model, refs)
+    assert {p.name: p.read_bytes() for p in refs.iterdir()} == before
+    build_references(tiny_model, refs, overwrite=True)
+    assert len([c for c in read_manifest(refs)["cases"] if c["model"] == model_key(tiny_model)]) == 4
 
 
 def test_no_matching_reference_is_refused(tiny_model, tmp_path):
@@ -30,22 +54,20 @@ def test_no_matching_reference_is_refused(tiny_model, tmp_path):
         matching_cases(tiny_model, tmp_path)
     manifest = read_manifest(REFERENCE_DIR)
     for c in manifest["cases"]:
-        c["model"] = {**c["model"], "quantization": "bf16"}
+        c["model"] = {**c["model"], "double_quant": not c["model"].get("double_quant")}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="synthetic-tiny-s0_nf4"):
         matching_cases(tiny_model, tmp_path)
 
 
 def test_rebuild_keeps_other_models_entries(tiny_model, tmp_path):
-    shutil.copy(REFERENCE_DIR / "manifest.json", tmp_path / "manifest.json")
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    other = dict(manifest["cases"][0], model={"id": "black-forest-labs/FLUX.1-schnell", "revision": "abc", "quantization": "nf4"})
+    manifest = read_manifest(REFERENCE_DIR)
+    other = dict(matching_cases(tiny_model)[0], model={"id": "black-forest-labs/FLUX.1-schnell", "revision": "abc"})
     manifest["cases"].append(other)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     key = model_key(tiny_model)
     others = [c for c in manifest["cases"] if c["model"] != key]
-    build_references(tiny_model, tmp_path)
+    build_references(tiny_model, tmp_path, overwrite=True)
     after = read_manifest(tmp_path)["cases"]
     assert [c for c in after if c["model"] != key] == others
-    assert sum(c["model"].get("revision") == "abc" for c in after) == 1
     assert len([c for c in after if c["model"] == key]) == len(reference_prompts())

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import time
 
@@ -6,11 +5,7 @@ import pytest
 from safetensors import safe_open
 
 from fluxkit.synthetic import MARKER_FILE, read_marker, write_synthetic
-
-
-def _digest(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from helpers import digest
 
 
 def test_layout_and_marker(tiny_dir):
@@ -27,9 +22,9 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path, tiny_dir):
     start = time.perf_counter()
     again = write_synthetic(tmp_path / "again", "tiny", seed=0)
     assert time.perf_counter() - start < 60
-    assert _digest(again) == _digest(tiny_dir)
+    assert digest(again) == digest(tiny_dir)
     other = write_synthetic(tmp_path / "other", "tiny", seed=1)
-    a, b = _digest(tiny_dir), _digest(other)
+    a, b = digest(tiny_dir), digest(other)
     weight_files = [k for k in a if k.endswith(".safetensors")]
     assert all(a[k] != b[k] for k in weight_files)
     assert json.loads((other / MARKER_FILE).read_text())["seed"] == 1

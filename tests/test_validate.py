@@ -1,4 +1,4 @@
-"""`fluxkit validate` end to end on the tiny synthetic checkpoint (CPU)."""
+"""`fluxkit validate` end to end on the tiny synthetic checkpoint (CPU), and what it does when things go wrong."""
 import json
 import shutil
 
@@ -8,16 +8,14 @@ from PIL import Image
 from fluxkit import validate as validate_module
 from fluxkit.references import REFERENCE_DIR
 from fluxkit.report import validate_metrics
-
-FAST = dict(model="auto", device="cpu", iterations=3, drift_calls=2, clip_model="ViT-B-32", clip_pretrained="openai",
-            progress=False)
+from fluxkit.synthetic import write_synthetic
+from helpers import FAST_VALIDATE
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, cache_dir):
     out_root = tmp_path_factory.mktemp("reports")
-    out_dir, code = validate_module.validate(name="tiny", out_root=out_root, **FAST)
-    return out_dir, code
+    return validate_module.validate(name="tiny", out_root=out_root, **FAST_VALIDATE)
 
 
 def test_every_report_file_exists(report):
@@ -25,9 +23,11 @@ def test_every_report_file_exists(report):
     assert code == 0, (out_dir / "summary.md").read_text()
     for nb in validate_module.NOTEBOOKS:
         assert (out_dir / f"{nb}.ipynb").is_file() and (out_dir / f"{nb}.html").is_file()
-    for png in ("vram_weights", "vram_timeline", "vram_drift", "latency_distribution", "latency_trace", "quality_grid"):
-        assert (out_dir / f"{png}.png").stat().st_size > 1000
+    for png in ("vram_placements", "vram_weights", "vram_timeline", "vram_drift", "latency_distribution",
+                "latency_trace", "quality_grid"):
+        assert (out_dir / f"{png}.png").stat().st_size > 1000, png
     assert (out_dir / "summary.md").is_file() and (out_dir / "metrics.json").is_file()
+    assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
 def test_metrics_follow_the_schema_and_say_synthetic(report):
@@ -36,20 +36,20 @@ def test_metrics_follow_the_schema_and_say_synthetic(report):
     validate_metrics(metrics)
     assert metrics["is_synthetic"] and "SYNTHETIC" in metrics["weights_statement"]
     assert metrics["latency"]["plain"]["summary"]["total"]["n"] == 3
+    assert {r["placement"] for r in metrics["vram"]["placements"]} == {"resident", "vortex", "offload"}
     verdicts = {b["name"]: b["status"] for b in metrics["budgets"]}
     assert verdicts["p99_latency"] == "not applicable"  # not an RTX 3060, not full-size weights
-    assert verdicts["generate_rise"] == "not applicable" and verdicts["drift"] == "not applicable"
+    assert verdicts["flux_resident"] == verdicts["vortex_total"] == verdicts["drift"] == "not applicable"
     assert verdicts["clip_image_cosine_min"] == "pass"
+    assert metrics["parameters"]["out_dir"] == "."  # executed notebooks carry no temporary path
     summary = (out_dir / "summary.md").read_text()
-    assert summary.splitlines()[2].startswith("- Weights: SYNTHETIC")
-    assert "plumbing check" in summary
+    assert summary.splitlines()[2].startswith("- Weights: SYNTHETIC") and "placement `resident`" in summary
 
 
 def test_schema_rejects_a_broken_metrics_file(report):
     import jsonschema
 
-    out_dir, _ = report
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = json.loads((report[0] / "metrics.json").read_text())
     metrics["budgets"][0]["status"] = "passed-ish"
     with pytest.raises(jsonschema.ValidationError):
         validate_metrics(metrics)
@@ -61,18 +61,59 @@ def test_altered_reference_fails_and_names_the_case(tmp_path, monkeypatch, cache
     image = Image.open(refs / "synthetic-tiny-s0_nf4_lighthouse.png")
     image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(refs / "synthetic-tiny-s0_nf4_lighthouse.png")
     monkeypatch.setenv("FLUXKIT_REFERENCE_DIR", str(refs))
-    out_dir, code = validate_module.validate(name="altered", out_root=tmp_path, **FAST)
+    out_dir, code = validate_module.validate(name="altered", out_root=tmp_path, **FAST_VALIDATE)
     assert code != 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    failed = [c["name"] for c in metrics["quality"]["cases"] if not c["passed"]]
-    assert failed == ["lighthouse"]
+    assert [c["name"] for c in metrics["quality"]["cases"] if not c["passed"]] == ["lighthouse"]
     summary = (out_dir / "summary.md").read_text()
     assert "failed cases: lighthouse" in summary and "Overall: **fail**" in summary
 
 
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "a/b", ".hidden", "..", ""])
+def test_report_names_stay_inside_the_reports_folder(tmp_path, name):
+    with pytest.raises(ValueError, match="one folder name"):
+        validate_module.validate(name=name, out_root=tmp_path / "reports", **FAST_VALIDATE)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.rglob("*.ipynb"))
+
+
+def test_a_rerun_that_fails_replaces_the_report_as_a_whole(report, tmp_path, cache_dir):
+    """Same name, another model without references: the new report names the new model and fails."""
+    out_root = tmp_path / "reports"
+    shutil.copytree(report[0], out_root / "same")
+    other = write_synthetic(tmp_path / "other-weights", "tiny", seed=1)
+    out_dir, code = validate_module.validate(**{**FAST_VALIDATE, "model": str(other)}, name="same", out_root=out_root)
+    assert code != 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["model"]["synthetic"]["seed"] == 1 and metrics["verdict"] == "fail"
+    assert "seed 1" in (out_dir / "summary.md").read_text() and "Overall: **fail**" in (out_dir / "summary.md").read_text()
+    assert json.loads((out_dir / "model.json").read_text())["model"]["synthetic"]["seed"] == 1
+
+
+def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_path, monkeypatch):
+    import papermill
+
+    out_root = tmp_path / "reports"
+    shutil.copytree(report[0], out_root / "same")
+    before = {p.name: p.read_bytes() for p in (out_root / "same").iterdir()}
+    real = papermill.execute_notebook
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        validate_module.validate(name="same", out_root=out_root, **FAST_VALIDATE)
+    assert {p.name: p.read_bytes() for p in (out_root / "same").iterdir()} == before
+    assert sorted(p.name for p in out_root.iterdir()) == ["same"]  # no half-written folder beside it
+
+
 def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, cache_dir):
     # fp4 on the tiny checkpoint has no reference images: the quality notebook refuses
-    out_dir, code = validate_module.validate(name="fp4", out_root=tmp_path, quantization="fp4", **FAST)
+    out_dir, code = validate_module.validate(name="fp4", out_root=tmp_path, quantization="fp4", **FAST_VALIDATE)
     assert code != 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["notebooks"] == {"01_vram_profile": "ok", "02_latency": "ok", "03_quality_regression": "failed"}

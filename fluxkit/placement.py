@@ -1,0 +1,163 @@
+"""Placements applied to loaded components: streamed T5, modulation tables, model CPU offload.
+
+The transformer's AdaLN modulation projections (27% of its weights, 3.2 B parameters) are applied
+to one conditioning vector per step, never to the 1280 tokens. Under `modulation: fit` they are
+replaced by `ModulationOutput` modules that return a row of a table computed once per call for all
+steps, so the layers that do not fit the GPU share can live in pinned host memory: each is copied to
+the GPU once per call (4-bit packed), dequantized, applied to the stacked conditioning vectors and
+freed, instead of being resident for every step.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .config import PlacementSpec
+from .plan import is_modulation
+
+
+class ModulationOutput(torch.nn.Module):
+    """Stands in for one modulation Linear: returns its output for the current step and condition.
+
+    A resident layer stays registered here as `source` (so it is counted, moved and saved with the
+    transformer); a parked one lives in ModulationTables only.
+    """
+
+    def __init__(self, current: torch.Tensor, source: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.current = current  # a view of ModulationTables.current, written before each transformer call
+        self.source = source
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.current
+
+
+@dataclass
+class _Parked:
+    """A 4-bit (or plain) Linear kept in host memory; `on(device)` gives its dequantized weight for one use."""
+
+    weight: torch.Tensor
+    quant_state: object | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Module, pin: bool) -> "_Parked":
+        state = getattr(linear.weight, "quant_state", None)
+        if state is not None:
+            state = copy.deepcopy(state)
+            state.to("cpu")
+            if pin:
+                _pin_quant_state(state)
+        move = (lambda t: t.detach().to("cpu").pin_memory()) if pin else (lambda t: t.detach().to("cpu"))
+        return cls(move(linear.weight.data), state, None if linear.bias is None else move(linear.bias.data))
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        import bitsandbytes.functional as bnbf
+
+        weight = self.weight.to(device, non_blocking=True)
+        bias = None if self.bias is None else self.bias.to(device, non_blocking=True)
+        if self.quant_state is not None:
+            state = copy.deepcopy(self.quant_state)
+            state.to(device)
+            weight = bnbf.dequantize_4bit(weight, state)
+        return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _pin_quant_state(state) -> None:
+    for owner in (state, getattr(state, "state2", None)):
+        if owner is None:
+            continue
+        for name in ("absmax", "code", "offset"):
+            t = getattr(owner, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(owner, name, t.pin_memory())
+
+
+def quantize_to_host(linear: torch.nn.Linear, quantization, device: torch.device, dtype: torch.dtype,
+                     pin: bool) -> _Parked:
+    """Quantize a plain Linear on `device` (one layer at a time: a small transient) and park it in host memory.
+
+    The weight is cast to the model dtype first, as diffusers' quantizer does for resident layers, so a
+    streamed layer holds exactly the bits it would hold on the GPU.
+    """
+    import bitsandbytes as bnb
+
+    holder = torch.nn.Module()
+    holder.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
+    if quantization.backend != "bitsandbytes_4bit":
+        holder.weight = torch.nn.Parameter(linear.weight.data.to(dtype), requires_grad=False)
+    else:
+        holder.weight = bnb.nn.Params4bit(linear.weight.data.to(device=device, dtype=dtype), requires_grad=False,
+                                          quant_type=quantization.quant_type,
+                                          compress_statistics=quantization.double_quant).to(device)
+    return _Parked.from_linear(holder, pin)
+
+
+class ModulationTables:
+    """Every modulation layer of a transformer, run once per call for all steps (and both CFG conditions)."""
+
+    def __init__(self, transformer: torch.nn.Module, parked: dict[str, _Parked], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.time_text_embed = transformer.time_text_embed
+        self.names = [n for n, _ in transformer.named_modules() if is_modulation(n)]
+        widths = [(parked[n].weight.shape[0] if parked[n].quant_state is None else parked[n].quant_state.shape[0])
+                  if n in parked else transformer.get_submodule(n).out_features for n in self.names]
+        self.offsets = [0]
+        for w in widths:
+            self.offsets.append(self.offsets[-1] + w)
+        self.current = torch.empty(1, self.offsets[-1], device=device, dtype=dtype)
+        self.sources: dict[str, torch.nn.Module | _Parked] = {}
+        for i, name in enumerate(self.names):
+            owner_name, attr = name.rsplit(".", 1)
+            owner = transformer.get_submodule(owner_name)
+            self.sources[name] = parked.get(name) or getattr(owner, attr)
+            resident = None if name in parked else self.sources[name]
+            setattr(owner, attr, ModulationOutput(self.current[:, self.offsets[i]:self.offsets[i + 1]], resident))
+        self.table: torch.Tensor | None = None
+
+    @property
+    def parked(self) -> list[str]:
+        return [n for n, s in self.sources.items() if isinstance(s, _Parked)]
+
+    @torch.inference_mode()
+    def prepare(self, timesteps: torch.Tensor, pooled: list[torch.Tensor]) -> None:
+        """Compute every layer's output for each (condition, step): one pass over the weights per call."""
+        steps = timesteps.shape[0]
+        # the transformer's own arithmetic: the caller passes t / 1000 and the model multiplies by 1000
+        scaled = (timesteps.to(self.dtype) / 1000).to(self.dtype) * 1000
+        emb = torch.cat([self.time_text_embed(scaled, p.expand(steps, -1)) for p in pooled])
+        emb = torch.nn.functional.silu(emb)
+        table = torch.empty(len(pooled) * steps, self.offsets[-1], device=self.device, dtype=self.dtype)
+        for i, name in enumerate(self.names):
+            source = self.sources[name]
+            if isinstance(source, _Parked):
+                weight, bias = source.on(self.device, self.dtype)
+                out = torch.nn.functional.linear(emb, weight, bias)
+                del weight, bias
+            else:
+                out = source(emb)
+            table[:, self.offsets[i]:self.offsets[i + 1]] = out
+        self.table = table.view(len(pooled), steps, -1)
+
+    def select(self, condition: int, step: int) -> None:
+        self.current.copy_(self.table[condition, step].unsqueeze(0))
+
+
+def stream_text_encoder(text_encoder: torch.nn.Module, device: torch.device) -> None:
+    """T5 stays in pinned host memory; each leaf layer is copied to the GPU just before it runs, the next one
+    prefetched on a side stream (diffusers group offloading)."""
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(text_encoder, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="leaf_level", use_stream=True)
+
+
+def describe(placement: PlacementSpec, tables: ModulationTables | None) -> dict:
+    """What the placement did, for reports."""
+    return {"name": placement.name, "text_encoder_2": placement.text_encoder_2, "modulation": placement.modulation,
+            "offload_between_calls": placement.offload_between_calls, "vae_tile_size": placement.vae_tile_size,
+            "modulation_layers": len(tables.names) if tables else None,
+            "modulation_streamed": len(tables.parked) if tables else 0}

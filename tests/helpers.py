@@ -1,0 +1,44 @@
+"""Helpers shared by the tests: the CLI in a subprocess, folder digests, damaged checkpoints, fast validate settings."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fluxkit.config import load_preset
+
+PROMPT = "manic scientist, blue spiked hair, white lab coat"
+# validate on the tiny checkpoint in seconds: few calls, the small CLIP backbone
+FAST_VALIDATE = dict(model="auto", device="cpu", iterations=3, drift_calls=2, clip_model="ViT-B-32",
+                     clip_pretrained="openai", progress=False)
+
+
+def run_cli(*args: str, env_extra: dict | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("HF_HUB_OFFLINE", None)  # the CLI must set it itself
+    return subprocess.run([sys.executable, "-m", "fluxkit.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=900, cwd=cwd)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def t5_unquantized(name: str = "nf4"):
+    """A preset that quantizes the transformer only: placements then differ only in where things run."""
+    preset = load_preset(name)
+    return dataclasses.replace(preset, quantization=dataclasses.replace(preset.quantization, components=("transformer",)))
+
+
+def with_budgets(preset, **changes):
+    return dataclasses.replace(preset, budgets=dataclasses.replace(preset.budgets, **changes))

@@ -1,0 +1,66 @@
+"""Placements move components, not results: the same seed gives the same image wherever the weights live."""
+import pytest
+import torch
+
+from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
+from fluxkit.placement import ModulationOutput
+from helpers import PROMPT, t5_unquantized, with_budgets
+from test_plan import share_streaming_some_modulation
+
+# Batching the 4 steps' modulation projections changes the float32 summation order: measured max |diff| 1.1e-6.
+PLACEMENT_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def resident_image(tiny_dir):
+    return load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir).generate(PROMPT, seed=4)
+
+
+@pytest.mark.parametrize("placement", ["resident", "vortex", "offload"])
+def test_every_placement_gives_the_resident_image(tiny_dir, resident_image, placement):
+    model = load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir, placement=placement)
+    image = model.generate(PROMPT, seed=4)
+    assert model.info()["placement"]["name"] == placement
+    if placement == "vortex":  # modulation runs once per call for all steps: other summation order
+        assert (image - resident_image).abs().max() <= PLACEMENT_TOLERANCE
+    else:
+        assert torch.equal(image, resident_image)
+
+
+def test_streamed_modulation_gives_the_resident_image(tiny_dir, resident_image):
+    preset = t5_unquantized()
+    preset = with_budgets(preset, vortex_total_gb=5.8 + share_streaming_some_modulation(tiny_dir, preset),
+                          rest_of_vortex_gb=5.8)
+    model = load_flux_schnell(device="cpu", quantization=preset, model=tiny_dir, placement="vortex")
+    assert model.modulation.parked and model.info()["placement"]["modulation_streamed"] == len(model.modulation.parked)
+    outputs = [m for m in model.pipe.transformer.modules() if isinstance(m, ModulationOutput)]
+    assert len(outputs) == 4 and sum(m.source is None for m in outputs) == len(model.modulation.parked)
+    assert (model.generate(PROMPT, seed=4) - resident_image).abs().max() <= PLACEMENT_TOLERANCE
+
+
+def test_true_cfg_under_vortex(tiny_dir):
+    resident = load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir)
+    vortex = load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir, placement="vortex")
+    kwargs = dict(negative_prompt="blurry", true_cfg_scale=3.0, seed=2)
+    assert (vortex.generate(PROMPT, **kwargs) - resident.generate(PROMPT, **kwargs)).abs().max() <= PLACEMENT_TOLERANCE
+
+
+def test_vortex_keeps_t5_in_the_model_dtype(tiny_dir):
+    model = load_flux_schnell(device="cpu", quantization="nf4", model=tiny_dir, placement="vortex")
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.pipe.text_encoder_2.modules())
+    assert any("T5 is streamed in the model dtype" in note for note in model.plan.notes)
+
+
+def test_a_bad_placement_lists_the_valid_ones(tiny_dir):
+    with pytest.raises(VortexInitializationError, match="placement='gpu'.*resident, vortex, offload") as info:
+        load_flux_schnell(device="cpu", model=tiny_dir, placement="gpu")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(TypeError, match="placement must be a str"):
+        load_flux_schnell(device="cpu", model=tiny_dir, placement=6)
+
+
+def test_preset_placement_is_the_default(tiny_dir):
+    import dataclasses
+
+    preset = dataclasses.replace(load_preset("nf4"), placement="vortex")
+    assert load_flux_schnell(device="cpu", quantization=preset, model=tiny_dir).placement.name == "vortex"
