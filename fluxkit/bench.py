@@ -1,31 +1,41 @@
-"""Latency benchmark: warm-up excluded, every phase device-synchronized, many runs, medians and tails.
+"""Latency benchmarks: warm-up excluded, device-synchronized, many runs, medians and tails.
 
-Each iteration writes into one pre-allocated (512, 512, 3) float32 host buffer, as Vortex does, so
-the `copy` phase is the device-to-host copy Vortex pays.
+Each call writes into one pre-allocated (512, 512, 3) float32 host buffer, as Vortex does, so the
+`copy` phase is the device-to-host copy Vortex pays. Every call gets a prompt of its own (the prompt
+cache never hits), as a Director asking for new actors would. `side_by_side` times fluxkit against
+the plain diffusers pattern in one process, interleaved in rounds so that drift of a noisy host hits
+every variant alike.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from .checks import check_number
 from .generation import FluxModel
-from .metrics import summarize
+from .metrics import psnr, summarize
 from .sampling import PHASES
 
 DEFAULT_PROMPT = "manic scientist, blue spiked hair, white lab coat"
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def call_prompt(prompt: str, i: int) -> str:
+    """A distinct prompt per call, so that no call is served from the prompt cache."""
+    return f"{prompt}, take {i}"
 
 
 def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: int, **kwargs) -> dict:
     gen = model.preset.generation
     buffer = torch.empty((gen.height, gen.width, 3), dtype=torch.float32)
     for i in range(warmup):
-        model.generate(prompt, seed=seed + i, output=buffer, **kwargs)
+        model.generate(call_prompt(prompt, -1 - i), seed=seed + i, output=buffer, **kwargs)
     rows = []
     for i in range(iterations):
         start = time.perf_counter()
-        model.generate(prompt, seed=seed + i, output=buffer, **kwargs)
+        model.generate(call_prompt(prompt, i), seed=seed + i, output=buffer, **kwargs)
         total = time.perf_counter() - start
         rows.append({"total": total, **model.last_call.timings})
     summary = {key: summarize([r[key] for r in rows]) for key in ("total", *PHASES)}
@@ -42,9 +52,121 @@ def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, promp
     """Time `iterations` generate calls (seconds); with `negative_prompt`, a second true-CFG series too."""
     check_counts(iterations, warmup)
     result = {"model": model.info(), "iterations": iterations, "warmup": warmup, "prompt": prompt, "unit": "s",
+              "prompts": "distinct per call (no prompt-cache hits)",
               "plain": _series(model, iterations, warmup, prompt, seed)}
     if negative_prompt:
         result["true_cfg"] = _series(model, iterations, warmup, prompt, seed, negative_prompt=negative_prompt,
                                      true_cfg_scale=true_cfg_scale)
         result["true_cfg"].update(negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale)
+    return result
+
+
+# ---- side by side with the plain diffusers pattern ------------------------------------------------------
+
+class PlainPattern:
+    """What a new user writes with diffusers: FluxPipeline with PipelineQuantizationConfig (the preset's
+    bitsandbytes settings on the transformer and T5), everything on the GPU, eager, output_type="pt"."""
+
+    def __init__(self, folder, preset, device: torch.device) -> None:
+        from diffusers import FluxPipeline, PipelineQuantizationConfig
+
+        q = preset.quantization
+        dtype = getattr(torch, preset.dtype)
+        config = PipelineQuantizationConfig(
+            quant_backend=q.backend, components_to_quantize=list(q.components),
+            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type,
+                          "bnb_4bit_compute_dtype": dtype, "bnb_4bit_use_double_quant": q.double_quant})
+        self.pipe = FluxPipeline.from_pretrained(folder, quantization_config=config, dtype=dtype).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.device, self.generation = device, preset.generation
+
+    def generate(self, prompt: str, seed: int, output: torch.Tensor) -> torch.Tensor:
+        g = self.generation
+        image = self.pipe(prompt, num_inference_steps=g.num_inference_steps, guidance_scale=0.0, height=g.height,
+                          width=g.width, max_sequence_length=g.max_sequence_length, output_type="pt",
+                          generator=torch.Generator(self.device).manual_seed(seed)).images[0]
+        return output.copy_(image.permute(1, 2, 0))
+
+
+def bootstrap_ratio(a: list[float], b: list[float], seed: int = 0) -> dict:
+    """Median(a) / median(b) with a 95% percentile-bootstrap interval (calls resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a), np.asarray(b)
+    ratios = [np.median(rng.choice(a, a.size)) / np.median(rng.choice(b, b.size)) for _ in range(BOOTSTRAP_RESAMPLES)]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"ratio": float(np.median(a) / np.median(b)), "ci95": [float(low), float(high)]}
+
+
+def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup: int = 3,
+                 prompt: str = DEFAULT_PROMPT, seed: int = 0) -> dict:
+    """Time each variant (name -> object with generate(prompt, seed, output)) on the same prompts and seeds,
+    interleaved: each round runs every variant for iterations / rounds calls, the order rotating per round."""
+    check_counts(iterations, warmup)
+    check_number("rounds", rounds, 1, iterations, integer=True)
+    names = list(variants)
+    buffer = torch.empty((512, 512, 3), dtype=torch.float32)
+    times = {n: [] for n in names}
+    peaks = {n: 0 for n in names}
+    images = {n: [] for n in names}
+    for n in names:
+        for i in range(warmup):
+            variants[n].generate(call_prompt(prompt, -1 - i), seed=seed + i, output=buffer)
+    per_round = iterations // rounds
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            for k in range(per_round):
+                i = r * per_round + k
+                start = time.perf_counter()
+                variants[n].generate(call_prompt(prompt, i), seed=seed + i, output=buffer)  # copying to the host syncs
+                times[n].append(time.perf_counter() - start)
+                if k == 0:
+                    images[n].append(buffer.clone())
+            if torch.cuda.is_available():
+                peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated() - before)
+    result = {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "unit": "s",
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "variants": {n: {"summary": summarize(times[n]), "times": times[n], "rise_bytes": peaks[n]}
+                           for n in names}}
+    baseline = names[0]
+    result["ratios_to_" + baseline] = {n: bootstrap_ratio(times[n], times[baseline]) for n in names[1:]}
+    result["agreement_psnr_db"] = {n: min(psnr(x, y) for x, y in zip(images[n], images[baseline]))
+                                   for n in names[1:]}
+    return result
+
+
+def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4", fast: str = "bf16",
+                      fluxkit_model: FluxModel | None = None) -> tuple[dict, dict]:
+    """The plain pattern, fluxkit's default path (`fluxkit_model` if given) and fluxkit's fastest bf16 path in one
+    process, with the GPU bytes each added when it loaded."""
+    from .config import load_preset
+    from .hub import resolve_model
+    from .loading import load_flux_schnell
+
+    folder = resolve_model(model).path
+    factories = {"plain": lambda: PlainPattern(folder, load_preset(quantization), torch.device(device)),
+                 "fluxkit": lambda: fluxkit_model or load_flux_schnell(device, quantization, folder, placement="resident"),
+                 f"fluxkit_{fast}": lambda: load_flux_schnell(device, fast, folder, placement="resident")}
+    variants, resident = {}, {}
+    for name, factory in factories.items():
+        before = torch.cuda.memory_allocated()
+        variants[name] = factory()
+        resident[name] = torch.cuda.memory_allocated() - before if variants[name] is not fluxkit_model else None
+    return variants, resident
+
+
+def run_side_by_side(model: FluxModel, requested: bool, iterations: int = 50, rounds: int = 10, seed: int = 0) -> dict:
+    """`side_by_side` of the plain pattern, `model` and bf16 on the model's GPU, or why it did not run."""
+    if not requested:
+        return {"applicable": False, "reason": "not requested (parameter baseline=False; it loads two more models)"}
+    if model.device.type != "cuda":
+        return {"applicable": False, "reason": "diffusers' bitsandbytes quantizer needs a GPU for the plain pattern"}
+    variants, resident = load_side_by_side(str(model.source.path), str(model.device), model.preset.name,
+                                           fluxkit_model=model)
+    result = side_by_side(variants, iterations=iterations, rounds=min(rounds, iterations), seed=seed)
+    result.update(applicable=True, resident_bytes=resident)
     return result

@@ -86,6 +86,25 @@ def _output_folder(text: str) -> Path:
     return path
 
 
+def _input_file(suffix: str):
+    def parse(text: str) -> Path:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text}: no such file")
+        if path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"{text}: expected a {suffix} file")
+        return path
+    return parse
+
+
+def _gpu_keys() -> list[str]:
+    import yaml
+
+    from .config import CONFIG_DIR
+
+    return list(yaml.safe_load((CONFIG_DIR / "gpus.yaml").read_text()))
+
+
 def _report_name(text: str) -> str:
     from .validate import check_report_name
 
@@ -187,6 +206,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
     from .report import to_jsonable, weights_statement
 
+    if args.baseline:
+        return _bench_side_by_side(args)
     model = _load(args)
     result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed)
     print(weights_statement(model.info()))
@@ -195,6 +216,72 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"{series:>9}: p50 {s['p50']:.4f} s  p90 {s['p90']:.4f}  p99 {s['p99']:.4f}  p99.9 {s['p99_9']:.4f}  "
               f"mean {s['mean']:.4f}  std {s['std']:.4f}  outliers {len(s['outliers'])}/{s['n']}  "
               f"({model.info()['device_name']}, {model.placement.name})")
+    if args.json:
+        args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
+    return 0
+
+
+def _bench_side_by_side(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import load_side_by_side, side_by_side
+    from .errors import InputError
+    from .report import to_jsonable
+
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run without one")
+    variants, resident = load_side_by_side(args.model, "cuda", args.quantization, "bf16")
+    result = side_by_side(variants, iterations=args.iterations, rounds=args.rounds, warmup=args.warmup, seed=args.seed)
+    result["resident_bytes"] = resident
+    names = list(variants)
+    print(f"side by side on {result['device']}, {result['iterations']} calls each in {result['rounds']} rounds:")
+    for n in names:
+        s = result["variants"][n]["summary"]
+        ratio = result["ratios_to_plain"].get(n)
+        print(f"{n:>14}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s  resident {resident[n] / 1e9:.2f} GB  rise "
+              f"{result['variants'][n]['rise_bytes'] / 1e9:.2f} GB" + (
+                  f"  x{ratio['ratio']:.3f} of plain [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
+                  f"  PSNR vs plain {result['agreement_psnr_db'][n]:.1f} dB" if ratio else ""))
+    if args.json:
+        args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from .config import load_placement, load_preset
+    from .estimate import estimate_from_bench, for_model
+    from .plan import components_for, plan_placement
+    from .report import to_jsonable
+
+    if args.source:
+        bench = json.loads(args.source.read_text())
+        info = bench["model"]
+        preset, placement = load_preset(info["preset"]), load_placement(info["placement"]["name"])
+        synthetic = info["model"]["synthetic"]
+        meta, _ = components_for(f"synthetic-{synthetic['preset']}" if synthetic else info["model"]["path"])
+        plan = plan_placement(meta, preset, placement)
+        result = {"applicable": True, **estimate_from_bench(bench, meta, preset, placement, plan, args.gpu)}
+    else:
+        from .bench import run_benchmark
+
+        model = _load(args)
+        result = for_model(model, run_benchmark(model, iterations=args.iterations, negative_prompt=None),
+                           tuple(args.gpu))
+    if not result["applicable"]:
+        from .errors import InputError
+
+        raise InputError(result["reason"])
+    print(f"ESTIMATE from {result['device_name']} ({result['preset']}, {result['placement']}); assumptions: "
+          f"{result['assumptions']}")
+    print(f"{'phase':>12} {'TFLOP':>7} {'dev GB':>7} {'link GB':>8} {'measured s':>10} {'bound':>9} {'achieved':>8} "
+          + " ".join(f"{k:>9}" for k in args.gpu))
+    for phase, r in result["phases"].items():
+        print(f"{phase:>12} {r['flops'] / 1e12:>7.2f} {r['device_bytes'] / 1e9:>7.2f} {r['link_bytes'] / 1e9:>8.3f} "
+              f"{r['measured_s']:>10.4f} {r['bound']:>9} {r['achieved_fraction']:>8.1%} "
+              + " ".join(f"{r['projected_s'][k]:>9.3f}" for k in args.gpu))
+    print(f"{'P50':>12} {'':>45}{result['measured_p50_s']:>10.4f} {'':>18}"
+          + " ".join(f"{result['projected_p50_s'][k]:>9.3f}" for k in args.gpu))
+    print(f"{'P99':>12} {'':>74}" + " ".join(f"{result['projected_p99_s'][k]:>9.3f}" for k in args.gpu))
     if args.json:
         args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     return 0
@@ -218,7 +305,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     out_dir, code = validate(model=args.model, device=args.device, quantization=args.quantization,
                              placement=args.placement, name=args.name, out_root=args.out_root,
                              iterations=args.iterations, drift_calls=args.drift_calls, seed=args.seed,
-                             clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+                             clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, baseline=args.baseline)
     print((out_dir / "summary.md").read_text())
     print(f"report: {out_dir}")
     return code
@@ -275,7 +362,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_int_in(1, 1000), default=3)
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     p.add_argument("--json", default=None, type=_output_file(".json"), help="write every timing here")
+    p.add_argument("--baseline", choices=("plain",), default=None,
+                   help="time the plain diffusers pattern, fluxkit and fluxkit bf16 side by side (GPU)")
+    p.add_argument("--rounds", type=_int_in(1, 1000), default=10, help="with --baseline: interleaved rounds")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("estimate", help="project per-phase latency to other GPUs (RTX 3060 ...): an estimate")
+    _model_args(p)
+    p.add_argument("--gpu", action="append", choices=_gpu_keys(), default=None,
+                   help="target GPU (repeatable); default: all")
+    p.add_argument("--from", dest="source", default=None, type=_input_file(".json"),
+                   help="a `fluxkit bench --json` result to project from, instead of measuring here")
+    p.add_argument("--iterations", type=_int_in(1, 100_000), default=20)
+    p.add_argument("--json", default=None, type=_output_file(".json"))
+    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("references", help="render the reference images and manifest for a model")
     _model_args(p)
@@ -293,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
+    p.add_argument("--baseline", action="store_true", help="02_latency also times the plain diffusers pattern (GPU)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("info", help="library versions, CUDA device and free memory, cached FLUX models")
@@ -310,6 +411,8 @@ def _force_offline() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "gpu", "absent") is None:
+        args.gpu = _gpu_keys()
     if args.command != "download":
         _force_offline()  # never wait on the network: before anything imports huggingface_hub
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -26,6 +26,7 @@ BACKENDS = ("none", "bitsandbytes_4bit", "bitsandbytes_8bit")
 DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODER_2_MODES = ("gpu", "stream")
 MODULATION_MODES = ("gpu", "fit")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 class ConfigError(InputError):
@@ -113,9 +114,12 @@ class Preset:
     dtype: str = "bfloat16"
     placement: str = "resident"
     prompt_cache_size: int = 32
+    compile: bool = True
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("placement", self.placement, tuple(available_placements()))
         if self.prompt_cache_size < 0:
             raise ConfigError(f"prompt_cache_size={self.prompt_cache_size}: must be >= 0 (0 turns the cache off)")

@@ -103,7 +103,7 @@ class FluxModel:
     """A loaded FLUX.1-schnell. Calls are serialized: one image at a time per model."""
 
     def __init__(self, pipe, *, preset: Preset, placement: PlacementSpec, plan: Plan, source: ModelSource,
-                 device: torch.device, dtype: torch.dtype, load_seconds: float, load_memory: PhaseMemory,
+                 device: torch.device, dtype: torch.dtype, load_seconds: float, load_memory: PhaseMemory | None,
                  modulation=None) -> None:
         self.pipe = pipe
         self.preset = preset
@@ -113,6 +113,7 @@ class FluxModel:
         self.device = device
         self.dtype = dtype
         self.load_seconds = load_seconds
+        self.compile_seconds: float | None = None  # the warm-up call that compiled the fast path, if any
         self.load_memory = load_memory
         self.modulation = modulation
         self.prompt_cache = PromptCache(preset.prompt_cache_size)
@@ -149,7 +150,8 @@ class FluxModel:
                                                                                                   self.modulation),
                 "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3)}
+                "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
+                "compiled": self.compile_seconds is not None, "compile_seconds": self.compile_seconds}
 
     # ---- generate -------------------------------------------------------------------------------------
 

@@ -24,12 +24,14 @@ from .checks import check_number, parse_positive_float
 from .config import PlacementSpec, Preset, QuantizationSpec, load_placement, load_preset
 from .errors import (
     FluxkitError,
+    GenerationError,
     InputError,
     InputTypeError,
     LoadInputError,
     LoadInputTypeError,
     VortexInitializationError,
 )
+from .fastpath import compile_components, warm_up
 from .generation import FluxModel
 from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
@@ -292,9 +294,14 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     records: list[PhaseMemory] = []
     out_of_memory, failure = False, None
     try:
-        with track_phase(dev, "load", records):
+        with track_phase(dev, "load", records):  # what Flux keeps on the GPU once loaded, warm-up included
             pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype)
-    except torch.OutOfMemoryError:
+            model = FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
+                              load_seconds=0.0, load_memory=None, modulation=tables)
+            if preset.compile and dev.type == "cuda":
+                compile_components(pipe, preset.compile_mode)
+                model.compile_seconds = warm_up(model)
+    except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory
         out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
     except Exception as err:  # damage that only shows while reading: a corrupt tensor, an unloadable tokenizer
         failure = err
@@ -312,7 +319,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
             available_vram_gb=round(available_bytes(dev, vram_limit_gb) / GB, 3),
             remediation="free GPU memory held by other processes, raise vram_limit_gb, choose the vortex placement, "
                         "or use a GPU with more memory")
-    load_s = time.perf_counter() - start
-    log.info("loaded %s (%s, %s) on %s in %.1f s", source.describe(), preset.name, spec.name, dev, load_s)
-    return FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
-                     load_seconds=load_s, load_memory=records[0], modulation=tables)
+    model.load_memory = records[0]
+    model.load_seconds = time.perf_counter() - start
+    log.info("loaded %s (%s, %s) on %s in %.1f s", source.describe(), preset.name, spec.name, dev, model.load_seconds)
+    return model

@@ -163,3 +163,40 @@ def reference_grid(images: list, results: list[dict], out_dir=None):
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
     return _save(fig, out_dir, "quality_grid")
+
+
+def projection(estimate: dict, budget_s: float, out_dir=None):
+    """Projected seconds per phase on each target GPU (an ESTIMATE), against the P99 budget."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    if not estimate.get("applicable"):
+        ax.text(0.5, 0.5, f"no projection: {estimate.get('reason')}", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+        return _save(fig, out_dir, "latency_projection")
+    targets = list(estimate["projected_p50_s"])
+    bottom = np.zeros(len(targets))
+    for phase, row in estimate["phases"].items():
+        values = np.array([row["projected_s"][t] for t in targets])
+        ax.bar(targets, values, bottom=bottom, label=phase)
+        bottom += values
+    ax.scatter(targets, [estimate["projected_p99_s"][t] for t in targets], color="black", marker="_", s=400,
+               label="projected P99", zorder=3)
+    ax.axhline(budget_s, color="red", linestyle="--", label=f"P99 budget {budget_s} s (RTX 3060)")
+    ax.set_ylabel("seconds per image (ESTIMATE)")
+    ax.set_title(f"projected from {estimate['device_name']}; {estimate['placement']} placement", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "latency_projection")
+
+
+def side_by_side(result: dict, out_dir=None):
+    """Latency of each variant over the interleaved calls (box) with its P50."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if not result.get("applicable"):
+        ax.text(0.5, 0.5, f"not run: {result.get('reason')}", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+        return _save(fig, out_dir, "latency_side_by_side")
+    names = list(result["variants"])
+    ax.boxplot([result["variants"][n]["times"] for n in names], labels=names, showfliers=True)
+    ax.set_ylabel("seconds per image")
+    ax.set_title(f"{result['iterations']} calls each, interleaved in {result['rounds']} rounds ({result['device']})",
+                 fontsize=9)
+    return _save(fig, out_dir, "latency_side_by_side")

@@ -71,6 +71,12 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
         on_target = b.latency_target_device.lower() in metrics["device_name"].lower()
         note = "" if on_target and full_size else (
             f"budget is for {b.latency_target_device}; measured on {metrics['device_name']}" if full_size else size_note)
+        projection = latency.get("estimate") or {}
+        if projection.get("applicable") and not on_target and full_size:
+            key = next((k for k in projection["projected_p99_s"] if k == "rtx3060"), None)
+            if key:
+                note += (f"; projected for the RTX 3060 ({projection['placement']} placement): P99 "
+                         f"{projection['projected_p99_s'][key]:.2f} s (ESTIMATE from per-phase rooflines)")
         out.append(_verdict("p99_latency", round(p99, 4), b.p99_latency_s, "s",
                             (p99 < b.p99_latency_s) if on_target and full_size else None, note))
     if vram:

@@ -98,7 +98,7 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
 
 def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
              name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
-             seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai",
+             seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", baseline: bool = False,
              progress: bool = True) -> tuple[Path, int]:
     """Run every notebook and write the report; returns (report folder, exit code)."""
     import papermill
@@ -117,8 +117,8 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
     out_root.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kernel()
     parameters = dict(model=str(model), device=device, quantization=quantization, placement=placement, seed=seed,
-                      out_dir=".", iterations=iterations, drift_calls=drift_calls, clip_model=clip_model,
-                      clip_pretrained=clip_pretrained)
+                      out_dir=".", iterations=iterations, drift_calls=drift_calls, baseline=baseline,
+                      clip_model=clip_model, clip_pretrained=clip_pretrained)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.incomplete-", dir=out_root))
     try:
         status = {}

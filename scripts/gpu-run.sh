@@ -2,7 +2,14 @@
 # GPU-host runs behind reports/: builds the full-size synthetic checkpoint in /dev/shm (kept while the machine
 # stays warm), then runs the named steps. Logs and results land in $OUT/results.tgz (the device tool brings it back).
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host").
-# Usage: bash scripts/gpu-run.sh STEP...   steps: tests references validate-vortex validate-resident
+# Usage: bash scripts/gpu-run.sh STEP...
+#   cotenancy      tests/test_gpu_cotenancy.py and tests/test_gpu_placements.py (fresh process each)
+#   model-tests    tests/test_gpu_model.py
+#   references     render reference_images/ for the full checkpoint (nf4, resident)
+#   validate-P     fluxkit validate --placement P (vortex, resident, offload)
+#   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
+#   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
+#   restart        two fresh processes, each to its first image: the second finds the compile cache warm
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 JUPYTER_PATH="$site/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
@@ -18,15 +25,27 @@ fi
 for step in "$@"; do
   start=$SECONDS
   case $step in
-    tests)
-      for f in tests/test_gpu_cotenancy.py tests/test_gpu_model.py; do  # each in a fresh process
+    cotenancy|model-tests)
+      files="tests/test_gpu_cotenancy.py tests/test_gpu_placements.py"
+      [ "$step" = model-tests ] && files=tests/test_gpu_model.py
+      for f in $files; do  # each in a fresh process
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
       done ;;
     references) fluxkit references --model "$CKPT" --device cuda --overwrite ;;
-    validate-vortex) fluxkit validate --model "$CKPT" --device cuda --placement vortex --drift-calls 100 \
-                       --name "$GPU-synthetic-full-nf4-vortex" ;;
-    validate-resident) fluxkit validate --model "$CKPT" --device cuda --placement resident --drift-calls 100 \
-                         --name "$GPU-synthetic-full-nf4-resident" ;;
+    validate-*) fluxkit validate --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls 100 \
+                  --name "$GPU-synthetic-full-nf4-${step#validate-}" ;;
+    baseline) fluxkit bench --model "$CKPT" --device cuda --baseline plain --iterations 50 --rounds 10 \
+                --json "$LOGS/side_by_side_$GPU.json" ;;
+    bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations 50 \
+               --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
+    restart)  # an empty compile cache for the first process, the one it filled for the second
+      export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+      for run in cold warm; do
+        t0=$EPOCHREALTIME
+        fluxkit generate --prompt "restart $run" --model "$CKPT" --device cuda --placement vortex --out "/tmp/$run.png"
+        echo "$run cache: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
+      done
+      unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;
   esac 2>&1 | grep -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$step.log"
   echo "== $step: $((SECONDS - start)) s"; tail -25 "$LOGS/$step.log"

@@ -5,7 +5,6 @@ import torch
 
 from fluxkit import GenerationError, VortexInitializationError, load_flux_schnell
 from fluxkit.memory import count_quantized_linears
-from fluxkit.profiling import compare_placements
 from helpers import PROMPT
 
 pytestmark = pytest.mark.gpu
@@ -31,19 +30,6 @@ def test_real_oom_during_load_is_converted_and_released(full_dir):
         load_flux_schnell(device="cuda", model=full_dir, vram_limit_gb=5.0, preflight_check=False)
     assert info.value.available_vram_gb is not None and info.value.available_vram_gb <= 5.0
     assert torch.cuda.memory_allocated() < 64 * 2**20  # partial weights released
-
-
-def test_plan_predicts_every_placement_within_5_percent(full_dir):
-    rows = compare_placements(str(full_dir), "cuda", "nf4", calls=3)
-    for r in rows:
-        assert "error" not in r, r
-        print(f"\n{r['placement']}: resident {r['resident'] / 1e9:.4f} GB, planned {r['plan']['resident_bytes'] / 1e9:.4f}"
-              f" GB, error {100 * r['resident_error']:+.2f}%, peak reserved {r['peak_reserved'] / 1e9:.3f} GB, "
-              f"planned peak {r['plan']['peak_bytes'] / 1e9:.3f} GB, P50 {r['latency']['p50']:.3f} s")
-        if r["plan"]["resident_bytes"] > 1e9:
-            assert abs(r["resident_error"]) < 0.05
-        else:  # offload: nothing planned resident; what remains is buffers
-            assert r["resident"] < 0.1e9
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,10 @@
 quantized one at a time into pinned memory, T5 group offloading on a side stream, model CPU offload) on the tiny
 checkpoint: each gives the resident image."""
 import pytest
-import torch
+from test_plan import share_streaming_some_modulation
 
 from fluxkit import load_flux_schnell
 from helpers import PROMPT, t5_unquantized, with_budgets
-from test_plan import share_streaming_some_modulation
 
 pytestmark = pytest.mark.gpu
 # bf16 on the GPU; the vortex placement batches the modulation projections of all steps (other summation order)

@@ -1,11 +1,11 @@
 """Placements move components, not results: the same seed gives the same image wherever the weights live."""
 import pytest
 import torch
+from test_plan import share_streaming_some_modulation
 
 from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
 from fluxkit.placement import ModulationOutput
 from helpers import PROMPT, t5_unquantized, with_budgets
-from test_plan import share_streaming_some_modulation
 
 # Batching the 4 steps' modulation projections changes the float32 summation order: measured max |diff| 1.1e-6.
 PLACEMENT_TOLERANCE = 1e-5

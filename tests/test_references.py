@@ -8,8 +8,16 @@ import torch
 
 from fluxkit.images import load_png
 from fluxkit.metrics import psnr
-from fluxkit.references import (CROSS_MACHINE_PSNR_DB, REFERENCE_DIR, build_references, matching_cases, model_key,
-                                read_manifest, reference_prompts, regenerate)
+from fluxkit.references import (
+    CROSS_MACHINE_PSNR_DB,
+    REFERENCE_DIR,
+    build_references,
+    matching_cases,
+    model_key,
+    read_manifest,
+    reference_prompts,
+    regenerate,
+)
 
 
 def test_committed_references_record_what_made_them(tiny_model):

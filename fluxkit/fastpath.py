@@ -1,0 +1,43 @@
+"""The fast path on a CUDA device: torch.compile of the transformer's repeated blocks and of the VAE decoder.
+
+Regional compilation (diffusers' `compile_repeated_blocks`) traces one double-stream and one
+single-stream block and reuses them for all 57, so compiling costs seconds rather than the minutes a
+whole-model compile takes. Compiled kernels go to a persistent cache (fluxkit's cache folder unless
+TORCHINDUCTOR_CACHE_DIR is set), so a restarted process reuses them. `load_flux_schnell` runs one
+warm-up call after compiling, so no caller's first image pays for compilation. What each lever was
+predicted and measured to give is in notes/fast_path.md.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .synthetic import default_cache_dir
+
+WARMUP_PROMPT = "a warm-up call: compile and tune every kernel once"
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels persist between processes."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir().parent / "inductor")
+
+
+def compile_components(pipe, mode: str) -> None:
+    """Compile the transformer's repeated blocks and the VAE decoder (fullgraph: a graph break is an error)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    options = {"fullgraph": True, "mode": None if mode == "default" else mode}
+    pipe.transformer.compile_repeated_blocks(**options)
+    pipe.vae.decoder.compile(**options)
+
+
+def warm_up(model) -> float:
+    """One call that triggers compilation; returns its seconds."""
+    import time
+
+    start = time.perf_counter()
+    model.generate(WARMUP_PROMPT, seed=0)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - start
