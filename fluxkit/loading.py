@@ -292,13 +292,14 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     if dev.type == "cuda" and preflight_check:
         check_fits(plan, available_bytes(dev, vram_limit_gb), vram_limit_gb)
     records: list[PhaseMemory] = []
-    out_of_memory, failure = False, None
+    out_of_memory, failure, stage = False, None, "weights"
     try:
         with track_phase(dev, "load", records):  # what Flux keeps on the GPU once loaded, warm-up included
             pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype)
             model = FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
                               load_seconds=0.0, load_memory=None, modulation=tables)
             if preset.compile and dev.type == "cuda":
+                stage = "the compile warm-up call"
                 compile_components(pipe, preset.compile_mode)
                 model.compile_seconds = warm_up(model)
     except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory
@@ -314,8 +315,9 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     if out_of_memory:
         release_device_memory(dev)
         raise VortexInitializationError(
-            f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}, {spec.name}); partial weights were "
-            "released.", required_vram_gb=round(plan.peak_bytes / GB, 3),
+            f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}, {spec.name}) during {stage}, with "
+            f"{torch.cuda.max_memory_reserved(dev) / GB:.3f} GB reserved at the peak; partial weights were released.",
+            required_vram_gb=round(plan.peak_bytes / GB, 3),
             available_vram_gb=round(available_bytes(dev, vram_limit_gb) / GB, 3),
             remediation="free GPU memory held by other processes, raise vram_limit_gb, choose the vortex placement, "
                         "or use a GPU with more memory")

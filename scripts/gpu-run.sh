@@ -38,6 +38,11 @@ for step in "$@"; do
                 --json "$LOGS/side_by_side_$GPU.json" ;;
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations 50 \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
+    probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
+      python3 -m fluxkit.profiling --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
+    expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
+        --placement "${step#expandable-}" --calls 3 ;;
     restart)  # an empty compile cache for the first process, the one it filled for the second
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
       for run in cold warm; do
