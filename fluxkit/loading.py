@@ -135,6 +135,17 @@ def check_fits(plan: Plan, available: int, vram_limit_gb: float | None) -> None:
 
 # ---- load -------------------------------------------------------------------------------------------
 
+def _log_stage(device: torch.device, stage: str) -> None:
+    """INFO: device memory after each load stage and the peak since the previous one (`fluxkit -v` shows it)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+    log.info("load stage %-22s allocated %.3f GB, reserved %.3f GB, peak allocated since last stage %.3f GB", stage,
+             torch.cuda.memory_allocated(device) / GB, torch.cuda.memory_reserved(device) / GB,
+             torch.cuda.max_memory_allocated(device) / GB)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 def _apply_vram_limit(device: torch.device, vram_limit_gb: float | None) -> None:
     if device.type != "cuda":
         return
@@ -205,9 +216,11 @@ def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec
     index = json.loads((folder / "model_index.json").read_text())  # its classes were checked by inspect_checkpoint
     offload = placement.offload_between_calls and device.type == "cuda"
     transformer, tables = _load_transformer(folder, preset, placement, plan, device, dtype)
+    _log_stage(device, "transformer")
     if offload:
         transformer.to("cpu")  # before T5 arrives: at most one quantized component on the GPU while loading
     t5 = _load_text_encoder_2(folder, preset, placement, device, dtype)
+    _log_stage(device, "text_encoder_2")
     if offload:
         t5.to("cpu")
     here = "cpu" if offload else device
@@ -226,6 +239,7 @@ def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
+    _log_stage(device, "text_encoder, vae")
     return pipe, tables
 
 
@@ -302,6 +316,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
                 stage = "the compile warm-up call"
                 compile_components(pipe, preset.compile_mode)
                 model.compile_seconds = warm_up(model)
+                _log_stage(dev, "compile warm-up call")
     except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory
         out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
     except Exception as err:  # damage that only shows while reading: a corrupt tensor, an unloadable tokenizer

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .bench import DEFAULT_PROMPT
+from .bench import DEFAULT_PROMPT, call_prompt
 from .config import available_placements, available_presets, load_placement, load_preset
 from .errors import InputError
 from .memory import CPU_NOTE, GB, both_units, device_available, device_used
@@ -91,20 +91,21 @@ def measure_placement(model: str, device: str, quantization: str, placement: str
     on_gpu = device_available(m.device)
     resident = torch.cuda.memory_allocated(m.device) if on_gpu else None
     rss_loaded = host_rss()
-    m.generate(prompt, seed=seed)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(m.device)
-    times = []
-    for i in range(calls):
+    m.generate(call_prompt(prompt, -1), seed=seed)
+    times, peaks, reserved = [], [], []
+    for i in range(calls):  # a new prompt each call: T5 runs every time
         start = time.perf_counter()
-        m.generate(prompt, seed=seed + i)
+        m.generate(call_prompt(prompt, i), seed=seed + i)
         times.append(time.perf_counter() - start)
+        peaks.append(m.last_call.peak)
+        reserved.append(m.last_call.peak_reserved)
     result = {"placement": placement, "quantization": quantization, "device_name": m.info()["device_name"],
               "plan": m.plan.to_dict(), "load_seconds": round(m.load_seconds, 3),
               "host_rss_added": None if rss_before is None else rss_loaded - rss_before,
               "latency": summarize(times), "resident": resident,
-              "peak_allocated": torch.cuda.max_memory_allocated(m.device) if on_gpu else None,
-              "peak_reserved": torch.cuda.max_memory_reserved(m.device) if on_gpu else None}
+              "peak_allocated": max(peaks) if on_gpu else None, "peak_reserved": max(reserved) if on_gpu else None,
+              "load_peak_reserved": m.load_memory.peak_reserved,
+              "phases": [p.to_dict() for p in m.last_call.memory]}
     if on_gpu:
         result["resident_error"] = (resident - m.plan.resident_bytes) / max(m.plan.resident_bytes, 1)
         result["rise"] = result["peak_allocated"] - resident
@@ -153,7 +154,12 @@ def _main() -> None:
     parser.add_argument("--placement", required=True)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each load stage's device memory")
     args = parser.parse_args()
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(json.dumps(measure_placement(args.model, args.device, args.quantization, args.placement, args.calls,
                                        seed=args.seed)))
 

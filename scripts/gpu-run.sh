@@ -39,7 +39,7 @@ for step in "$@"; do
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations 50 \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
     probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
-      python3 -m fluxkit.profiling --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
+      python3 -m fluxkit.profiling -v --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
         --placement "${step#expandable-}" --calls 3 ;;
