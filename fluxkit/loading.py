@@ -35,7 +35,7 @@ from .fastpath import compile_components, warm_up
 from .generation import FluxModel
 from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
-from .placement import ModulationTables, _Parked, quantize_to_host, stream_text_encoder
+from .placement import ModulationTables, quantize_to_host, stream_text_encoder
 from .plan import Plan, plan_placement
 
 log = logging.getLogger("fluxkit")
@@ -70,43 +70,89 @@ def compute_dtype(preset: Preset, device: torch.device) -> torch.dtype:
     return getattr(torch, preset.dtype) if device.type == "cuda" else torch.float32
 
 
-def bnb_config(spec: QuantizationSpec, library: str, dtype: torch.dtype, skip: tuple[str, ...] = ()):
+def bnb_config(spec: QuantizationSpec, library: str, dtype: torch.dtype):
     """The bitsandbytes config object of `library` ('diffusers' or 'transformers') for one component."""
     if library == "diffusers":
         from diffusers import BitsAndBytesConfig
     else:
         from transformers import BitsAndBytesConfig
-    # skipped modules stay unquantized in host memory: bitsandbytes asks for the offload flag to allow that
-    extra = {"llm_int8_skip_modules": list(skip), "llm_int8_enable_fp32_cpu_offload": True} if skip else {}
     if spec.backend == "bitsandbytes_8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, **extra)
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type, bnb_4bit_compute_dtype=dtype,
-                              bnb_4bit_use_double_quant=spec.double_quant, **extra)
+                              bnb_4bit_use_double_quant=spec.double_quant)
 
 
-def quantize_linear_layers(module: torch.nn.Module, spec: QuantizationSpec, dtype: torch.dtype) -> torch.nn.Module:
-    """Replace nn.Linear layers by bitsandbytes layers in place, quantizing their current weights (CPU path)."""
+def _bnb_layer(linear: torch.nn.Linear, spec: QuantizationSpec, dtype: torch.dtype) -> torch.nn.Module:
+    """An empty (meta) bitsandbytes layer of the same shape, as diffusers' quantizer makes it."""
     import bitsandbytes as bnb
 
-    for child in list(module.modules()):
-        for attr, linear in list(child.named_children()):
-            if type(linear) is not torch.nn.Linear:
-                continue
-            has_bias = linear.bias is not None
-            if spec.backend == "bitsandbytes_8bit":
-                layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_bias, has_fp16_weights=False,
-                                            device="meta")
-                layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, has_bias, compute_dtype=dtype,
-                                          compress_statistics=spec.double_quant, quant_type=spec.quant_type,
-                                          device="meta")
-                layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=spec.quant_type,
-                                                 compress_statistics=spec.double_quant, module=layer)
-            if has_bias:
-                layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-            setattr(child, attr, layer.to("cpu"))
-    return module
+    if spec.backend == "bitsandbytes_8bit":
+        return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
+                                   has_fp16_weights=False, device="meta")
+    return bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype=dtype,
+                             compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta")
+
+
+def _quantized_weight(tensor: torch.Tensor, layer: torch.nn.Module, spec: QuantizationSpec, device: torch.device):
+    """bitsandbytes quantizes a weight when it is moved to its device (on that device)."""
+    import bitsandbytes as bnb
+
+    if spec.backend == "bitsandbytes_8bit":
+        return bnb.nn.Int8Params(tensor, requires_grad=False, has_fp16_weights=False).to(device)
+    return bnb.nn.Params4bit(tensor, requires_grad=False, quant_type=spec.quant_type,
+                             compress_statistics=spec.double_quant, module=layer).to(device)
+
+
+def stream_quantized_transformer(folder: Path, spec: QuantizationSpec, dtype: torch.dtype, device: torch.device,
+                                 streamed: tuple[str, ...], pin: bool):
+    """The quantized transformer, read tensor by tensor from its safetensors and quantized on `device` one at a
+    time; the `streamed` modulation layers are quantized the same way and parked in host memory.
+
+    diffusers' loader puts a quantized model on one device, and its CPU offload holds skipped layers unquantized;
+    here neither the whole bf16 transformer (24 GB) in host memory nor more than one layer beyond the resident
+    weights on the GPU is ever needed, which is what lets the vortex placement load inside its share.
+    """
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    from .checkpoint import weight_files
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder / "transformer"))
+    names = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    for name in names - set(streamed):
+        owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
+        setattr(model.get_submodule(owner), attr, _bnb_layer(model.get_submodule(name), spec, dtype))
+    pending: dict[str, dict[str, torch.Tensor]] = {n: {} for n in streamed}
+    parked = {}
+    for path in weight_files(folder, "transformer"):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                module_name, param = key.rsplit(".", 1)
+                tensor = f.get_tensor(key).to(dtype)
+                if module_name in pending:
+                    pending[module_name][param] = tensor
+                    if len(pending[module_name]) == 2:  # weight and bias: quantize on the device, park on the host
+                        linear = torch.nn.Linear(1, 1)
+                        linear.weight, linear.bias = (torch.nn.Parameter(pending[module_name][k], requires_grad=False)
+                                                      for k in ("weight", "bias"))
+                        parked[module_name] = quantize_to_host(linear, spec, device, dtype, pin)
+                        del pending[module_name]
+                    continue
+                module = model.get_submodule(module_name)
+                if module_name in names and param == "weight":
+                    module.weight = _quantized_weight(tensor, module, spec, device)
+                elif param in module._buffers:
+                    module._buffers[param] = tensor.to(device)
+                else:
+                    module._parameters[param] = torch.nn.Parameter(tensor.to(device), requires_grad=False)
+    for name in streamed:
+        owner, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner), attr, torch.nn.Identity())  # replaced by ModulationTables
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left or pending:
+        raise ValueError(f"transformer weights lack {(left or list(pending))[0]}")
+    return model.eval(), parked
 
 
 # ---- pre-flight -------------------------------------------------------------------------------------
@@ -156,34 +202,31 @@ def _apply_vram_limit(device: torch.device, vram_limit_gb: float | None) -> None
 
 def _load_transformer(folder: Path, preset: Preset, placement: PlacementSpec, plan: Plan, device: torch.device,
                       dtype: torch.dtype):
-    """The transformer, quantized per preset; modulation layers the plan streams end up parked in host memory."""
+    """The transformer, quantized per preset; modulation layers the plan streams end up parked in host memory.
+
+    A quantized transformer on a GPU with nothing streamed goes through diffusers' quantizer (the plain
+    pattern); on CPU (where diffusers' quantizer refuses to run) and whenever layers are streamed, fluxkit
+    reads and quantizes it tensor by tensor with the same bitsandbytes layers.
+    """
     from diffusers import FluxTransformer2DModel
 
     spec = preset.quantization
-    quantized = "transformer" in spec.components
     streamed = plan.streamed_modulation
-    if device.type == "cuda" and quantized:
-        from accelerate.hooks import remove_hook_from_module
-
-        # Streamed layers load unquantized to host memory (accelerate's CPU offload) and are quantized one
-        # at a time below: the whole quantized transformer never has to fit the GPU share at once.
-        device_map = {"": device, **{name: "cpu" for name in streamed}}
-        transformer = FluxTransformer2DModel.from_pretrained(
-            folder / "transformer", dtype=dtype, device_map=device_map,
-            quantization_config=bnb_config(spec, "diffusers", dtype, skip=streamed))
-        if streamed:
-            remove_hook_from_module(transformer, recurse=True)  # puts the offloaded weights back on the host
-        parked = {n: quantize_to_host(transformer.get_submodule(n), spec, device, dtype, pin=True) for n in streamed}
-    else:
+    pin = device.type == "cuda"
+    parked = {}
+    if "transformer" not in spec.components:
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=dtype)
-        if quantized:  # CPU: the same bitsandbytes layers, quantized on the CPU
-            quantize_linear_layers(transformer, spec, dtype)
-        pin = device.type == "cuda"
-        parked = {n: _Parked.from_linear(transformer.get_submodule(n), pin) for n in streamed}
+        parked = {n: quantize_to_host(transformer.get_submodule(n), spec, device, dtype, pin) for n in streamed}
         for n in streamed:  # keep the parked layers' weights off the device
             owner, attr = n.rsplit(".", 1)
             setattr(transformer.get_submodule(owner), attr, torch.nn.Identity())
         transformer.to(device)
+    elif device.type == "cuda" and not streamed:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            folder / "transformer", dtype=dtype, device_map={"": device},
+            quantization_config=bnb_config(spec, "diffusers", dtype))
+    else:
+        transformer, parked = stream_quantized_transformer(folder, spec, dtype, device, streamed, pin)
     tables = ModulationTables(transformer, parked, device, dtype) if placement.modulation == "fit" else None
     return transformer, tables
 

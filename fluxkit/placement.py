@@ -53,16 +53,29 @@ class _Parked:
         move = (lambda t: t.detach().to("cpu").pin_memory()) if pin else (lambda t: t.detach().to("cpu"))
         return cls(move(linear.weight.data), state, None if linear.bias is None else move(linear.bias.data))
 
-    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        import bitsandbytes.functional as bnbf
+    def apply(self, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The layer applied to `x` on `device`: its weights copied there for this one use, then dropped.
+
+        A 4-bit weight runs through a bitsandbytes Linear4bit, so a parked layer computes exactly what the same
+        layer computes resident (bitsandbytes picks its kernel by device and batch).
+        """
+        import bitsandbytes as bnb
 
         weight = self.weight.to(device, non_blocking=True)
-        bias = None if self.bias is None else self.bias.to(device, non_blocking=True)
-        if self.quant_state is not None:
-            state = copy.deepcopy(self.quant_state)
-            state.to(device)
-            weight = bnbf.dequantize_4bit(weight, state)
-        return weight.to(dtype), None if bias is None else bias.to(dtype)
+        bias = None if self.bias is None else self.bias.to(device, non_blocking=True).to(dtype)
+        if self.quant_state is None:
+            return torch.nn.functional.linear(x, weight.to(dtype), bias)
+        state = copy.deepcopy(self.quant_state)
+        state.to(device)
+        out_features, in_features = state.shape
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias is not None, compute_dtype=dtype,
+                                  quant_type=state.quant_type, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                                         compress_statistics=state.nested, quant_type=state.quant_type,
+                                         bnb_quantized=True, module=layer)
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+        return layer(x)
 
 
 def _pin_quant_state(state) -> None:
@@ -133,12 +146,7 @@ class ModulationTables:
         table = torch.empty(len(pooled) * steps, self.offsets[-1], device=self.device, dtype=self.dtype)
         for i, name in enumerate(self.names):
             source = self.sources[name]
-            if isinstance(source, _Parked):
-                weight, bias = source.on(self.device, self.dtype)
-                out = torch.nn.functional.linear(emb, weight, bias)
-                del weight, bias
-            else:
-                out = source(emb)
+            out = source.apply(emb, self.device, self.dtype) if isinstance(source, _Parked) else source(emb)
             table[:, self.offsets[i]:self.offsets[i + 1]] = out
         self.table = table.view(len(pooled), steps, -1)
 

@@ -32,7 +32,7 @@ for step in "$@"; do
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
       done ;;
     references) fluxkit references --model "$CKPT" --device cuda --overwrite ;;
-    validate-*) fluxkit validate --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls 100 \
+    validate-*) fluxkit validate --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls ${DRIFT_CALLS:-100} \
                   --name "$GPU-synthetic-full-nf4-${step#validate-}" ;;
     baseline) fluxkit bench --model "$CKPT" --device cuda --baseline plain --iterations 50 --rounds 10 \
                 --json "$LOGS/side_by_side_$GPU.json" ;;
