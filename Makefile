@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine; each bootstraps .venv on first use.
 #   make validate   the main job (see README)
 #   make test       the test suite (CI runs this)
+#   make lab        JupyterLab on notebooks/ with the fluxkit kernel
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fluxkit-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: validate test clean
+.PHONY: validate test lab clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +22,10 @@ validate: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+# JupyterLab on the notebooks, with the `fluxkit` kernel registered for this environment
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 clean:
 	rm -rf $(VENV)

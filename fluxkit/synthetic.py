@@ -28,8 +28,9 @@ from .errors import InputError, VortexInitializationError
 MARKER_FILE = "fluxkit_synthetic.json"
 MAX_SHARD_BYTES = 5 * 10**9
 
-# Component configs. `full` is FLUX.1-schnell's (FACTS sec.1); `tiny` keeps every quantizable
-# Linear's input width a multiple of 64 (bitsandbytes 4-bit on CPU needs it).
+# Component configs. `full` is FLUX.1-schnell's (black-forest-labs/flux src/flux/util.py and the diffusers
+# configs of the Hub repository); `tiny` keeps every quantizable Linear's input width a multiple of 64
+# (bitsandbytes 4-bit on CPU needs it).
 TRANSFORMER = {
     "full": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -241,7 +242,7 @@ def _progress(total: int, desc: str):
 
 
 def _write_clip_tokenizer(folder: Path) -> None:
-    """The real CLIP BPE vocabulary, from the file open_clip ships (FACTS sec.5)."""
+    """The real CLIP BPE vocabulary, from the file open_clip ships: merges are its lines [1:48895]."""
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
