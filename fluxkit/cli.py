@@ -262,8 +262,14 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         plan = plan_placement(meta, preset, placement)
         result = {"applicable": True, **estimate_from_bench(bench, meta, preset, placement, plan, args.gpu)}
     else:
-        from .bench import run_benchmark
+        import torch
 
+        from .bench import run_benchmark
+        from .errors import InputError
+
+        if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+            raise InputError("fluxkit estimate measures on a GPU: on a CPU, pass --from a `fluxkit bench --json` "
+                             "result made on a GPU")
         model = _load(args)
         result = for_model(model, run_benchmark(model, iterations=args.iterations, negative_prompt=None),
                            tuple(args.gpu))
@@ -415,10 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         args.gpu = _gpu_keys()
     if args.command != "download":
         _force_offline()  # never wait on the network: before anything imports huggingface_hub
+    root = logging.getLogger()
+    existing = set(root.handlers)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the one-line error says it all; the JSON record is for services that parse logs
-        logging.getLogger("fluxkit").addFilter(lambda record: not getattr(record, "structured", False))
+        for handler in set(root.handlers) - existing:
+            handler.addFilter(lambda record: not getattr(record, "structured", False))
     from .errors import FluxkitError
 
     try:

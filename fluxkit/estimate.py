@@ -80,15 +80,19 @@ def count_flops(meta: dict[str, torch.nn.Module], generation: GenerationSpec, cf
             meta["text_encoder"](torch.zeros(1, 77, dtype=torch.long, device=m))
             meta["text_encoder_2"](torch.zeros(1, g.max_sequence_length, dtype=torch.long, device=m))
         out["text_encode"] = count.get_total_flops() * conditions
+        c = meta["transformer"].config
         with FlopCounterMode(display=False) as count:
-            meta["transformer"](hidden_states=torch.zeros(1, tokens, 64, device=m), timestep=torch.zeros(1, device=m),
-                                guidance=None, pooled_projections=torch.zeros(1, 768, device=m),
-                                encoder_hidden_states=torch.zeros(1, g.max_sequence_length, 4096, device=m),
+            meta["transformer"](hidden_states=torch.zeros(1, tokens, c.in_channels, device=m),
+                                timestep=torch.zeros(1, device=m), guidance=None,
+                                pooled_projections=torch.zeros(1, c.pooled_projection_dim, device=m),
+                                encoder_hidden_states=torch.zeros(1, g.max_sequence_length, c.joint_attention_dim,
+                                                                  device=m),
                                 txt_ids=torch.zeros(g.max_sequence_length, 3, device=m),
                                 img_ids=torch.zeros(tokens, 3, device=m), return_dict=False)
         out["denoise"] = count.get_total_flops() * g.num_inference_steps * conditions
+        latent_channels = meta["vae"].config.latent_channels
         with FlopCounterMode(display=False) as count:
-            meta["vae"].decode(torch.zeros(1, 16, g.height // 8, g.width // 8, device=m), return_dict=False)
+            meta["vae"].decode(torch.zeros(1, latent_channels, g.height // 8, g.width // 8, device=m), return_dict=False)
         out["decode"] = count.get_total_flops()
     out["copy"] = 0.0
     return out

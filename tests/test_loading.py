@@ -21,9 +21,11 @@ def test_nf4_layers_on_the_quantized_components(tiny_model):
     assert tiny_model.pipe.transformer.transformer_blocks[0].attn.to_q.weight.quant_type == "nf4"
 
 
-def test_weight_report_matches_the_plan(tiny_model):
-    report = tiny_model.weight_report()
-    for name, placed in tiny_model.plan.components.items():
+def test_weight_report_matches_the_plan(tiny_dir):
+    # measured before the first call: on AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights at their first use
+    model = load_flux_schnell(device="cpu", model=tiny_dir)
+    report = model.weight_report()
+    for name, placed in model.plan.components.items():
         assert report[name]["bytes"] == placed.weight_bytes, name
     assert report["total"]["gib"] == pytest.approx(report["total"]["bytes"] / GIB, abs=1e-4)
 

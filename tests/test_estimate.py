@@ -1,0 +1,126 @@
+"""The latency projection's arithmetic on constructed inputs, and the side-by-side machinery on CPU."""
+import json
+
+import pytest
+
+from fluxkit import load_flux_schnell, load_placement, load_preset
+from fluxkit.bench import bootstrap_ratio, side_by_side
+from fluxkit.checkpoint import meta_components
+from fluxkit.errors import InputError
+from fluxkit.estimate import Work, count_flops, cross_check, estimate_from_bench, gpu, gpu_of, project
+from fluxkit.plan import plan_placement
+from fluxkit.sampling import PHASES
+from helpers import PROMPT, run_cli
+
+ZERO = Work(0.0, 0.0, 0.0)
+
+
+def _work(**phases):
+    return {p: phases.get(p, ZERO) for p in PHASES}
+
+
+def _measured(**phases):
+    return {p: phases.get(p, 0.0) for p in PHASES}
+
+
+def test_a_compute_bound_phase_scales_with_tensor_throughput():
+    result = project(_work(denoise=Work(1e12, 0.0, 0.0)), _measured(denoise=0.01), "h100", ["rtx3060"], 1.0)
+    row = result["phases"]["denoise"]
+    assert row["bound"] == "compute"
+    assert row["achieved_fraction"] == pytest.approx(1e12 / 989e12 / 0.01)
+    assert row["projected_s"]["rtx3060"] == pytest.approx(0.01 * 989 / 25.5)  # by hand: same fraction of the peak
+
+
+def test_a_memory_bound_phase_scales_with_bandwidth_and_a_link_bound_one_with_the_link():
+    work = _work(text_encode=Work(0.0, 10e9, 0.0), copy=Work(0.0, 0.0, 3e6))
+    result = project(work, _measured(text_encode=0.01, copy=0.001), "h200", ["rtx3060"], 1.2)
+    assert result["phases"]["text_encode"]["projected_s"]["rtx3060"] == pytest.approx(0.01 * 4800 / 360)
+    assert result["phases"]["copy"]["bound"] == "host link"
+    assert result["phases"]["copy"]["projected_s"]["rtx3060"] == pytest.approx(0.001 * 50 / 25)
+    total = 0.01 * 4800 / 360 + 0.001 * 50 / 25
+    assert result["projected_p50_s"]["rtx3060"] == pytest.approx(total)
+    assert result["projected_p99_s"]["rtx3060"] == pytest.approx(1.2 * total)
+    assert result["label"] == "ESTIMATE" and "published peak" in result["assumptions"]
+
+
+def test_the_binding_roofline_can_change_between_cards():
+    # 150 FLOP per byte: memory-bound on an H100 (ridge at 295), compute-bound on an RTX 3060 (ridge at 71)
+    work = _work(decode=Work(1.5e12, 10e9, 0.0))
+    row = project(work, _measured(decode=0.006), "h100", ["rtx3060"], 1.0)["phases"]["decode"]
+    assert row["bound"] == "memory" and row["target_bound"]["rtx3060"] == "compute"
+    fraction = (10e9 / 3350e9) / 0.006
+    assert row["projected_s"]["rtx3060"] == pytest.approx(1.5e12 / 25.5e12 / fraction)
+
+
+def test_gpus_are_matched_by_device_name():
+    assert gpu_of("NVIDIA H100 80GB HBM3") == "h100" and gpu_of("NVIDIA H200") == "h200"
+    assert gpu_of("NVIDIA GeForce RTX 3060") == "rtx3060"
+    assert gpu("rtx3060").bf16_tflops == 25.5
+    with pytest.raises(InputError, match="no published figures"):
+        gpu_of("Some Future GPU")
+    with pytest.raises(InputError, match="gpu='v100'"):
+        gpu("v100")
+
+
+def test_flops_are_counted_on_the_meta_device(tiny_dir):
+    meta = meta_components(tiny_dir)
+    preset = load_preset("nf4")
+    flops = count_flops(meta, preset.generation)
+    assert all(flops[p] > 0 for p in ("text_encode", "denoise", "decode")) and flops["copy"] == 0
+    import dataclasses
+
+    two = dataclasses.replace(preset.generation, num_inference_steps=2)
+    assert count_flops(meta, two)["denoise"] == pytest.approx(flops["denoise"] / 2)
+    assert count_flops(meta, preset.generation, cfg=True)["denoise"] == pytest.approx(2 * flops["denoise"])
+
+
+def _bench(device_name: str, phase_s: dict, tiny_dir) -> dict:
+    total = sum(phase_s.values())
+    summary = {p: {"p50": v, "p99": v} for p, v in phase_s.items()}
+    summary["total"] = {"p50": total, "p99": 1.1 * total}
+    return {"model": {"device_name": device_name, "preset": "nf4", "placement": {"name": "vortex"},
+                      "model": {"synthetic": {"preset": "tiny", "seed": 0}, "path": str(tiny_dir)}},
+            "plain": {"summary": summary}}
+
+
+def test_cross_check_against_the_card_it_projects(tiny_dir):
+    meta, preset, placement = meta_components(tiny_dir), load_preset("nf4"), load_placement("vortex")
+    plan = plan_placement(meta, preset, placement)
+    source = _bench("NVIDIA H200", {"text_encode": 0.2, "denoise": 0.3, "decode": 0.05, "copy": 0.002}, tiny_dir)
+    projected = estimate_from_bench(source, meta, preset, placement, plan, ["h100"])
+    target = _bench("NVIDIA H100 80GB HBM3", {p: projected["phases"][p]["projected_s"]["h100"] for p in PHASES},
+                    tiny_dir)
+    check = cross_check(source, target, meta, preset, placement, plan)
+    assert check["end_to_end_error"] == pytest.approx(0.0, abs=1e-9) and check["usable"]
+    slower = _bench("NVIDIA H100 80GB HBM3", {p: 1.3 * v for p, v in check["measured_s"].items()}, tiny_dir)
+    assert not cross_check(source, slower, meta, preset, placement, plan)["usable"]  # 23% off
+
+
+def test_estimate_cli_from_a_bench_file(tiny_dir, tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_bench("NVIDIA H200", {"text_encode": 0.2, "denoise": 0.3, "decode": 0.05,
+                                                      "copy": 0.002}, tiny_dir)))
+    run = run_cli("estimate", "--from", str(path), "--gpu", "rtx3060", "--json", str(tmp_path / "out.json"))
+    assert run.returncode == 0, run.stderr
+    assert "ESTIMATE from NVIDIA H200" in run.stdout and "rtx3060" in run.stdout
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["projected_p50_s"]["rtx3060"] > 0.552
+    run = run_cli("estimate", "--model", str(tiny_dir), "--device", "cpu")
+    assert run.returncode == 2 and "measures on a GPU" in run.stderr
+
+
+def test_bootstrap_ratio_of_known_samples():
+    assert bootstrap_ratio([2.0] * 20, [1.0] * 20) == {"ratio": 2.0, "ci95": [2.0, 2.0]}
+    spread = bootstrap_ratio([1.0, 2.0, 3.0] * 10, [1.0] * 30)
+    assert spread["ratio"] == 2.0 and spread["ci95"][0] <= 2.0 <= spread["ci95"][1]
+
+
+def test_side_by_side_interleaves_and_compares(tiny_dir):
+    variants = {"plain": load_flux_schnell(device="cpu", model=tiny_dir),
+                "same": load_flux_schnell(device="cpu", model=tiny_dir),
+                "bf16": load_flux_schnell(device="cpu", quantization="bf16", model=tiny_dir)}
+    result = side_by_side(variants, iterations=2, rounds=2, warmup=1, prompt=PROMPT)
+    assert result["iterations"] == 2 and all(len(v["times"]) == 2 for v in result["variants"].values())
+    assert set(result["ratios_to_plain"]) == {"same", "bf16"}
+    assert result["agreement_psnr_db"]["same"] == float("inf")  # same weights, same seeds: the same images
+    assert result["agreement_psnr_db"]["bf16"] < float("inf")
