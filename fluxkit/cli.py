@@ -28,28 +28,25 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- argument types: each refuses a bad value with a message that names the fix ------------------------
 
-def _int_in(low: int, high: int):
-    def parse(text: str) -> int:
+def _number_in(kind: type, low: float, high: float):
+    """An argparse type: `kind` (int or float) within [low, high], finite."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
-        return value
-    return parse
-
-
-def _float_in(low: float, high: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not (math.isfinite(value) and low <= value <= high):
             raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high}")
         return value
     return parse
+
+
+def _int_in(low: int, high: int):
+    return _number_in(int, low, high)
+
+
+def _float_in(low: float, high: float):
+    return _number_in(float, low, high)
 
 
 def _writable_folder(folder: Path, what: str) -> None:

@@ -18,6 +18,13 @@ def _save(fig, out_dir: str | Path | None, name: str):
     return fig
 
 
+def _instead(fig, ax, text: str, out_dir, name: str):
+    """A figure that says why there is nothing to draw (kept in the report, so its absence is explained)."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    ax.set_axis_off()
+    return _save(fig, out_dir, name)
+
+
 def weight_bars(profile: dict, out_dir=None):
     """Weight GB per component for every preset (this checkpoint, and FLUX.1-schnell at full size), and the
     GPU-resident GB of every placement at full size against Vortex's share."""
@@ -34,7 +41,7 @@ def weight_bars(profile: dict, out_dir=None):
             ax.bar(presets, values, bottom=bottom, label=comp)
             bottom += values
         ax.set_title(title, fontsize=10)
-        ax.set_ylabel("weights (GB, model dtype where unquantized)")
+        ax.set_ylabel("weights (GB; unquantized in the run's dtype)")
     axes[1].legend(fontsize=8)
     plans = profile["plans_full_size"]
     presets = list(plans)
@@ -42,7 +49,7 @@ def weight_bars(profile: dict, out_dir=None):
     width = 0.8 / len(placements)
     for i, placement in enumerate(placements):
         axes[2].bar(np.arange(len(presets)) + i * width, [plans[q][placement]["resident_bytes"] / GB for q in presets],
-                    width, label=f"{placement} resident")
+                    width, label=placement)
     share = plans[presets[0]][placements[0]]["budget_bytes"] / GB
     axes[2].axhline(share, color="red", linestyle="--", label=f"Vortex share {share:.1f} GB")
     axes[2].set_xticks(np.arange(len(presets)) + width * (len(placements) - 1) / 2, presets)
@@ -57,9 +64,7 @@ def memory_timeline(profile: dict, share_gb: float, out_dir=None):
     rows = profile["timeline"]
     fig, ax = plt.subplots(figsize=(8, 4))
     if not profile["device_memory_available"]:
-        ax.text(0.5, 0.5, "device memory not measured on CPU", ha="center", va="center")
-        ax.set_axis_off()
-        return _save(fig, out_dir, "vram_timeline")
+        return _instead(fig, ax, "device memory not measured on CPU", out_dir, "vram_timeline")
     x = np.arange(len(rows))
     for key, style in (("allocated", "o-"), ("reserved", "s--"), ("peak", "^:"), ("peak_reserved", "v-.")):
         ax.plot(x, [r[key] / GB for r in rows], style, label=key)
@@ -97,9 +102,7 @@ def drift(profile: dict, budget_mb: float, out_dir=None):
     fig, ax = plt.subplots(figsize=(8, 3))
     values = profile["drift_allocated_bytes"]
     if not values:
-        ax.text(0.5, 0.5, "device memory not measured on CPU", ha="center", va="center")
-        ax.set_axis_off()
-        return _save(fig, out_dir, "vram_drift")
+        return _instead(fig, ax, "device memory not measured on CPU", out_dir, "vram_drift")
     ax.plot(np.arange(1, len(values) + 1), [(v - values[0]) / MB for v in values], "o-")
     for sign in (1, -1):
         ax.axhline(sign * budget_mb, color="red", linestyle="--")
@@ -169,9 +172,7 @@ def projection(estimate: dict, budget_s: float, out_dir=None):
     """Projected seconds per phase on each target GPU (an ESTIMATE), against the P99 budget."""
     fig, ax = plt.subplots(figsize=(10, 4))
     if not estimate.get("applicable"):
-        ax.text(0.5, 0.5, f"no projection: {estimate.get('reason')}", ha="center", va="center", wrap=True)
-        ax.set_axis_off()
-        return _save(fig, out_dir, "latency_projection")
+        return _instead(fig, ax, f"no projection: {estimate.get('reason')}", out_dir, "latency_projection")
     targets = list(estimate["projected_p50_s"])
     bottom = np.zeros(len(targets))
     for phase, row in estimate["phases"].items():
@@ -191,9 +192,7 @@ def side_by_side(result: dict, out_dir=None):
     """Latency of each variant over the interleaved calls (box) with its P50."""
     fig, ax = plt.subplots(figsize=(8, 4))
     if not result.get("applicable"):
-        ax.text(0.5, 0.5, f"not run: {result.get('reason')}", ha="center", va="center", wrap=True)
-        ax.set_axis_off()
-        return _save(fig, out_dir, "latency_side_by_side")
+        return _instead(fig, ax, f"not run: {result.get('reason')}", out_dir, "latency_side_by_side")
     names = list(result["variants"])
     ax.boxplot([result["variants"][n]["times"] for n in names], labels=names, showfliers=True)
     ax.set_ylabel("seconds per image")

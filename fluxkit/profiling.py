@@ -47,9 +47,9 @@ def profile_vram(model, drift_calls: int = 20, prompt: str = DEFAULT_PROMPT, see
     device = model.device
     has_device = device_available(device)
 
-    def plans(meta: dict) -> dict:
-        return {q: {p: plan_placement(meta, load_preset(q), load_placement(p)).to_dict() for p in available_placements()}
-                for q in available_presets()}
+    def plans(meta: dict, dtype_bytes: int) -> dict:
+        return {q: {p: plan_placement(meta, load_preset(q), load_placement(p), dtype_bytes).to_dict()
+                    for p in available_placements()} for q in available_presets()}
 
     model.generate(prompt, seed=seed)  # warm-up: one-time allocations are not drift
     before = torch.cuda.memory_allocated(device) if has_device else None
@@ -67,8 +67,8 @@ def profile_vram(model, drift_calls: int = 20, prompt: str = DEFAULT_PROMPT, see
         "placement": model.info()["placement"],
         "weights": model.weight_report(),
         "plan": model.plan.to_dict(),
-        "plans_this_checkpoint": plans(meta_components(model.source.path)),
-        "plans_full_size": plans(meta_model("full")),
+        "plans_this_checkpoint": plans(meta_components(model.source.path), model.dtype.itemsize),
+        "plans_full_size": plans(meta_model("full"), 2),
         "resident_after_load": both_units(model.load_memory.allocated) if has_device else None,
         "timeline": [model.load_memory.to_dict()] + [m.to_dict() for m in call.memory],
         "rise_during_generate": both_units(call.peak - before) if has_device else None,
