@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import VortexInitializationError
+from .config import PlacementSpec, Preset
+from .errors import InputError, VortexInitializationError
 
 WEIGHT_COMPONENTS = ("transformer", "text_encoder_2", "text_encoder", "vae")
 # The classes of FLUX.1-schnell's model_index.json; nothing else is ever imported from a checkpoint.
@@ -189,3 +190,49 @@ def inspect_checkpoint(folder: Path, name: str = "checkpoint") -> dict[str, torc
     for component, module in components.items():
         check_weights(folder, component, module, name)
     return components
+
+
+# ---- pre-quantized checkpoints (written by fluxkit.quantize) ------------------------------------------
+
+def quantized_components(preset: Preset, placement: PlacementSpec) -> tuple[str, ...]:
+    """What a placement keeps quantized: a streamed T5 runs in the model dtype."""
+    return tuple(c for c in preset.quantization.components
+                 if not (c == "text_encoder_2" and placement.text_encoder_2 == "stream"))
+
+
+def quantization_config(preset: Preset) -> dict:
+    """The `quantization_config` diffusers and transformers write for a bitsandbytes 4-bit model."""
+    q = preset.quantization
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_use_double_quant": q.double_quant,
+            "bnb_4bit_compute_dtype": preset.dtype, "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def check_prequantized(config: dict, preset: Preset, component: str) -> None:
+    """A pre-quantized component must have been quantized the way the preset asks."""
+    saved = config.get("quantization_config")
+    q = preset.quantization
+    if component not in q.components or q.backend != "bitsandbytes_4bit":
+        raise InputError(f"the checkpoint's {component} is pre-quantized but preset {preset.name} keeps it unquantized; "
+                         "load the original checkpoint, or use the preset it was quantized with")
+    if (saved.get("bnb_4bit_quant_type"), bool(saved.get("bnb_4bit_use_double_quant"))) != (q.quant_type, q.double_quant):
+        raise InputError(f"the checkpoint's {component} is pre-quantized as {saved.get('bnb_4bit_quant_type')} "
+                         f"(double quant {bool(saved.get('bnb_4bit_use_double_quant'))}) but preset {preset.name} asks for "
+                         f"{q.quant_type} (double quant {q.double_quant}); use the matching preset")
+
+
+def check_prequantized_folder(folder: Path, preset: Preset, placement: PlacementSpec) -> bool:
+    """Whether a checkpoint holds pre-quantized components, after checking they suit the preset and placement."""
+    found = False
+    for component in ("transformer", "text_encoder_2"):
+        config = json.loads((Path(folder) / component / "config.json").read_text())
+        if "quantization_config" not in config:
+            continue
+        found = True
+        check_prequantized(config, preset, component)
+        if component == "text_encoder_2" and placement.text_encoder_2 == "stream":
+            raise InputError(f"the checkpoint's T5 is pre-quantized but placement {placement.name} streams T5 in the "
+                             f"model dtype; save it with `fluxkit quantize --placement {placement.name}` (T5 kept "
+                             "unquantized) or choose another placement")
+    return found

@@ -290,6 +290,15 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import save_quantized
+
+    path = save_quantized(args.model, args.out, args.quantization, args.placement, args.device)
+    print(f"wrote {args.model} pre-quantized ({args.quantization}, for the {args.placement or 'preset'} placement) "
+          f"to {path}")
+    return 0
+
+
 def _cmd_references(args: argparse.Namespace) -> int:
     from .references import build_references
 
@@ -379,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_int_in(1, 100_000), default=20)
     p.add_argument("--json", default=None, type=_output_file(".json"))
     p.set_defaults(func=_cmd_estimate)
+
+    p = sub.add_parser("quantize", help="save a pre-quantized checkpoint: later loads skip quantize-on-load")
+    _model_args(p)
+    p.add_argument("--out", required=True, type=_output_folder)
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("references", help="render the reference images and manifest for a model")
     _model_args(p)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import inspect_checkpoint
+from .checkpoint import check_prequantized_folder, inspect_checkpoint
 from .checks import check_number, parse_positive_float
 from .config import PlacementSpec, Preset, QuantizationSpec, load_placement, load_preset
 from .errors import (
@@ -117,9 +117,13 @@ def stream_quantized_transformer(folder: Path, spec: QuantizationSpec, dtype: to
 
     from .checkpoint import weight_files
 
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    prequantized = "quantization_config" in config
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder / "transformer"))
+        model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if k != "quantization_config"})
     names = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    stats = 6 if spec.double_quant else 4  # packed weight, absmax, quant_map, [nested absmax and map,] state blob
+    packed: dict[str, dict[str, torch.Tensor]] = {}
     for name in names - set(streamed):
         owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
         setattr(model.get_submodule(owner), attr, _bnb_layer(model.get_submodule(name), spec, dtype))
@@ -128,16 +132,20 @@ def stream_quantized_transformer(folder: Path, spec: QuantizationSpec, dtype: to
     for path in weight_files(folder, "transformer"):
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
+                if prequantized and (".weight." in key or (key.endswith(".weight") and key[:-7] in names)):
+                    module_name = key.split(".weight")[0]
+                    packed.setdefault(module_name, {})[key[len(module_name) + 1:]] = f.get_tensor(key)
+                    if len(packed[module_name]) == stats:  # complete: rebuild the 4-bit weight without quantizing
+                        weight = _prequantized_weight(packed.pop(module_name), module_name, model, streamed, device)
+                        if module_name in pending:
+                            pending[module_name]["weight"] = weight
+                            _park_when_complete(pending, parked, module_name, spec, device, dtype, pin)
+                    continue
                 module_name, param = key.rsplit(".", 1)
                 tensor = f.get_tensor(key).to(dtype)
                 if module_name in pending:
                     pending[module_name][param] = tensor
-                    if len(pending[module_name]) == 2:  # weight and bias: quantize on the device, park on the host
-                        linear = torch.nn.Linear(1, 1)
-                        linear.weight, linear.bias = (torch.nn.Parameter(pending[module_name][k], requires_grad=False)
-                                                      for k in ("weight", "bias"))
-                        parked[module_name] = quantize_to_host(linear, spec, device, dtype, pin)
-                        del pending[module_name]
+                    _park_when_complete(pending, parked, module_name, spec, device, dtype, pin)
                     continue
                 module = model.get_submodule(module_name)
                 if module_name in names and param == "weight":
@@ -150,9 +158,44 @@ def stream_quantized_transformer(folder: Path, spec: QuantizationSpec, dtype: to
         owner, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(owner), attr, torch.nn.Identity())  # replaced by ModulationTables
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
-    if left or pending:
-        raise ValueError(f"transformer weights lack {(left or list(pending))[0]}")
+    incomplete = list(pending) + list(packed)
+    if left or incomplete:
+        raise ValueError(f"transformer weights lack {(left or incomplete)[0]}")
     return model.eval(), parked
+
+
+def _prequantized_weight(weights: dict[str, torch.Tensor], name: str, model, streamed, device: torch.device):
+    """A saved 4-bit weight (packed data and quantization state) back as a Params4bit: on its module when resident,
+    returned on the host when the layer is streamed."""
+    import bitsandbytes as bnb
+
+    stats = {k: v for k, v in weights.items() if k != "weight"}
+    if name in streamed:
+        return bnb.nn.Params4bit.from_prequantized(weights["weight"], stats, requires_grad=False, device="cpu")
+    layer = model.get_submodule(name)
+    layer.weight = bnb.nn.Params4bit.from_prequantized(weights["weight"], stats, requires_grad=False, device=device,
+                                                       module=layer)
+    return layer.weight
+
+
+def _park_when_complete(pending: dict, parked: dict, name: str, spec: QuantizationSpec, device: torch.device,
+                        dtype: torch.dtype, pin: bool) -> None:
+    """Once a streamed layer's weight and bias are read: quantize it on the device (or take its saved 4-bit weight)
+    and park it in host memory."""
+    from .placement import _Parked
+
+    parts = pending[name]
+    if set(parts) != {"weight", "bias"}:
+        return
+    holder = torch.nn.Module()
+    holder.bias = torch.nn.Parameter(parts["bias"], requires_grad=False)
+    if getattr(parts["weight"], "quant_state", None) is not None:  # saved pre-quantized
+        holder.weight = parts["weight"]
+        parked[name] = _Parked.from_linear(holder, pin)
+    else:
+        holder.weight = torch.nn.Parameter(parts["weight"], requires_grad=False)
+        parked[name] = quantize_to_host(holder, spec, device, dtype, pin)
+    del pending[name]
 
 
 # ---- pre-flight -------------------------------------------------------------------------------------
@@ -222,9 +265,10 @@ def _load_transformer(folder: Path, preset: Preset, placement: PlacementSpec, pl
             setattr(transformer.get_submodule(owner), attr, torch.nn.Identity())
         transformer.to(device)
     elif device.type == "cuda" and not streamed:
-        transformer = FluxTransformer2DModel.from_pretrained(
+        prequantized = "quantization_config" in FluxTransformer2DModel.load_config(folder / "transformer")
+        transformer = FluxTransformer2DModel.from_pretrained(  # a saved quantization_config is read from the folder
             folder / "transformer", dtype=dtype, device_map={"": device},
-            quantization_config=bnb_config(spec, "diffusers", dtype))
+            quantization_config=None if prequantized else bnb_config(spec, "diffusers", dtype))
     else:
         transformer, parked = stream_quantized_transformer(folder, spec, dtype, device, streamed, pin)
     tables = ModulationTables(transformer, parked, device, dtype) if placement.modulation == "fit" else None
@@ -244,8 +288,9 @@ def _load_text_encoder_2(folder: Path, preset: Preset, placement: PlacementSpec,
         return t5
     if "text_encoder_2" in spec.components:
         device_map = {"": device} if device.type == "cuda" else {"": "cpu"}
-        return T5EncoderModel.from_pretrained(path, dtype=dtype, device_map=device_map,
-                                              quantization_config=bnb_config(spec, "transformers", dtype))
+        prequantized = "quantization_config" in json.loads((path / "config.json").read_text())
+        return T5EncoderModel.from_pretrained(path, dtype=dtype, device_map=device_map, quantization_config=None
+                                              if prequantized else bnb_config(spec, "transformers", dtype))
     return T5EncoderModel.from_pretrained(path, dtype=dtype).to(device)
 
 
@@ -343,6 +388,11 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     except Exception as err:  # an unreadable folder, a full disk while building a synthetic checkpoint
         raise VortexInitializationError(f"{model}: the checkpoint could not be read ({type(err).__name__}: {err}).",
                                         remediation="check the path and its permissions, or rebuild it") from err
+    try:
+        check_prequantized_folder(source.path, preset, spec)
+    except InputError as err:
+        raise LoadInputError(str(err), remediation="load the checkpoint with the preset and placement it was "
+                                                   "quantized for, or the original checkpoint") from None
     dtype = compute_dtype(preset, dev)
     plan = plan_placement(meta, preset, spec, dtype.itemsize)
     _apply_vram_limit(dev, vram_limit_gb)
