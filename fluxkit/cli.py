@@ -290,6 +290,32 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .metrics import check_clip_name, load_clip
+    from .report import to_jsonable
+    from .sweep import fits, load_prompts, sweep, variants, write_csv
+
+    check_clip_name(args.clip_model, args.clip_pretrained)
+    prompts = load_prompts(args.prompts, None if args.prompts else 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = sweep(args.model, args.device, variants(args.variants, (args.placement or "resident",)),
+                   load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts)
+    result["fits"] = fits(result, args.budget_gb)
+    (args.out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
+    write_csv(result, args.out / "sweep.csv")
+    print(f"{'variant':>24} {'weights GB':>10} {'P50 s':>8} {'PSNR dB':>8} {'fits':>5}")
+    fit = {m["variant"]: m["fits"] for m in result["fits"]["variants"]}
+    for r in result["rows"]:
+        if "skipped" in r:
+            print(f"{r['variant']:>24} skipped: {r['skipped']}")
+            continue
+        print(f"{r['variant']:>24} {r['weights']['total'] / 1e9:>10.3f} {r['latency']['p50']:>8.3f} "
+              f"{r.get('fidelity', {}).get('psnr_db', float('nan')):>8.1f} {'yes' if fit[r['variant']] else 'no':>5}")
+    print(f"fastest within {args.budget_gb} GB: {result['fits']['fastest_within']}; {result['fidelity_note']}")
+    print(f"wrote {args.out / 'sweep.json'} and sweep.csv")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import save_quantized
 
@@ -388,6 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_int_in(1, 100_000), default=20)
     p.add_argument("--json", default=None, type=_output_file(".json"))
     p.set_defaults(func=_cmd_estimate)
+
+    p = sub.add_parser("sweep", help="every preset, T5 quantized or not, side by side: memory, latency, fidelity")
+    p.add_argument("--model", default="auto")
+    p.add_argument("--device", default="auto", type=_device)
+    p.add_argument("--placement", default=None, choices=available_placements())
+    p.add_argument("--variants", nargs="+", choices=available_presets(), default=None, help="presets (default: all)")
+    p.add_argument("--prompts", default=None, type=_input_file(".yaml"), help="a YAML file with `cases` of "
+                                                                           "{name, prompt, seed}")
+    p.add_argument("--iterations", type=_int_in(1, 10_000), default=5)
+    p.add_argument("--budget-gb", type=_float_in(0.1, 1e4), default=6.0)
+    p.add_argument("--clip-model", default="ViT-L-14")
+    p.add_argument("--clip-pretrained", default="openai")
+    p.add_argument("--out", required=True, type=_output_folder)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("quantize", help="save a pre-quantized checkpoint: later loads skip quantize-on-load")
     _model_args(p)

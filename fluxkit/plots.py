@@ -199,3 +199,44 @@ def side_by_side(result: dict, out_dir=None):
     ax.set_title(f"{result['iterations']} calls each, interleaved in {result['rounds']} rounds ({result['device']})",
                  fontsize=9)
     return _save(fig, out_dir, "latency_side_by_side")
+
+
+def sweep_pareto(result: dict, out_dir=None):
+    """GPU memory against P50 latency for every variant, coloured by PSNR to bf16; the Pareto front joined."""
+    rows = [r for r in result["rows"] if "skipped" not in r]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    if not rows:
+        return _instead(fig, ax, "no variant ran", out_dir, "sweep_pareto")
+    memory = np.array([(r["peak_reserved_bytes"] or r["planned_resident_bytes"]) / GB for r in rows])
+    latency = np.array([r["latency"]["p50"] for r in rows])
+    fidelity = np.array([min(r.get("fidelity", {}).get("psnr_db", np.inf), 60.0) for r in rows])
+    points = ax.scatter(memory, latency, c=fidelity, cmap="viridis", s=60, zorder=3)
+    fig.colorbar(points, ax=ax, label="PSNR to bf16, dB (capped at 60)")
+    for r, x, y in zip(rows, memory, latency):
+        ax.annotate(r["variant"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = sorted((x, y) for x, y in zip(memory, latency)
+                   if not any(x2 <= x and y2 <= y and (x2, y2) != (x, y) for x2, y2 in zip(memory, latency)))
+    ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front")
+    measured = rows[0]["peak_reserved_bytes"] is not None
+    ax.set_xlabel("GPU GB: peak reserved" if measured else "GB: planned resident (device memory not measured here)")
+    ax.set_ylabel("P50 seconds per image")
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "sweep_pareto")
+
+
+def sweep_weights(result: dict, out_dir=None):
+    """Weight GB per component of every variant, stacked."""
+    rows = [r for r in result["rows"] if "skipped" not in r]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    if not rows:
+        return _instead(fig, ax, "no variant ran", out_dir, "sweep_weights")
+    names = [r["variant"] for r in rows]
+    bottom = np.zeros(len(rows))
+    for component in ("transformer", "text_encoder_2", "text_encoder", "vae"):
+        values = np.array([r["weights"][component] / GB for r in rows])
+        ax.bar(names, values, bottom=bottom, label=component)
+        bottom += values
+    ax.set_ylabel("weights (GB)")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir, "sweep_weights")

@@ -37,8 +37,9 @@ from .version import __version__
 log = logging.getLogger("fluxkit")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ("01_vram_profile", "02_latency", "03_quality_regression")
-SECTIONS = {"01_vram_profile": "vram", "02_latency": "latency", "03_quality_regression": "quality"}
+NOTEBOOKS = ("01_vram_profile", "02_latency", "03_quality_regression", "04_quantization_tradeoffs")
+SECTIONS = {"01_vram_profile": "vram", "02_latency": "latency", "03_quality_regression": "quality",
+            "04_quantization_tradeoffs": "sweep"}
 KERNEL = "fluxkit"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

@@ -106,7 +106,7 @@ def test_plan_prints_every_preset_and_placement_and_recommends_vortex():
     assert "recommended: --quantization nf4 --placement vortex" in run.stdout
     run = run_cli("plan", "--json", "--budget-gb", "4")
     plans = json.loads(run.stdout)
-    assert len(plans["plans"]) == 12 and plans["recommended"] is None
+    assert len(plans["plans"]) == 15 and plans["recommended"] is None
     run = run_cli("plan", "--budget-gb", "4")
     assert run.returncode == 1 and "nothing fits a 4.0 GB share" in run.stdout
 

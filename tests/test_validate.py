@@ -24,9 +24,11 @@ def test_every_report_file_exists(report):
     for nb in validate_module.NOTEBOOKS:
         assert (out_dir / f"{nb}.ipynb").is_file() and (out_dir / f"{nb}.html").is_file()
     for png in ("vram_placements", "vram_weights", "vram_timeline", "vram_drift", "latency_distribution",
-                "latency_trace", "quality_grid"):
+                "latency_trace", "latency_projection", "latency_side_by_side", "quality_grid", "sweep_pareto",
+                "sweep_weights"):
         assert (out_dir / f"{png}.png").stat().st_size > 1000, png
     assert (out_dir / "summary.md").is_file() and (out_dir / "metrics.json").is_file()
+    assert (out_dir / "sweep.json").is_file() and (out_dir / "sweep.csv").is_file()
     assert not [p for p in out_dir.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -42,6 +44,7 @@ def test_metrics_follow_the_schema_and_say_synthetic(report):
     assert verdicts["flux_resident"] == verdicts["vortex_total"] == verdicts["drift"] == "not applicable"
     assert verdicts["clip_image_cosine_min"] == "pass"
     assert metrics["parameters"]["out_dir"] == "."  # executed notebooks carry no temporary path
+    assert {r["variant"] for r in metrics["sweep"]["rows"]} >= {"bf16@resident", "nf4@resident", "nf4+t5-bf16@resident"}
     summary = (out_dir / "summary.md").read_text()
     assert summary.splitlines()[2].startswith("- Weights: SYNTHETIC") and "placement `resident`" in summary
 
@@ -116,7 +119,8 @@ def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, cache_dir):
     out_dir, code = validate_module.validate(name="fp4", out_root=tmp_path, quantization="fp4", **FAST_VALIDATE)
     assert code != 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["notebooks"] == {"01_vram_profile": "ok", "02_latency": "ok", "03_quality_regression": "failed"}
+    assert metrics["notebooks"] == {"01_vram_profile": "ok", "02_latency": "ok", "03_quality_regression": "failed",
+                                    "04_quantization_tradeoffs": "ok"}
     executed = (out_dir / "03_quality_regression.ipynb").read_text()
     assert "no reference images" in executed and "fluxkit references" in executed
     assert (out_dir / "03_quality_regression.html").is_file()

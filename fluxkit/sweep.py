@@ -1,0 +1,227 @@
+"""Quantization tradeoffs: every preset, with T5 quantized or not, under a placement, side by side on weight
+bytes, load time, GPU memory, latency and fidelity to bf16 images of the same prompts and seeds.
+
+On a GPU each variant runs in a fresh process (`python -m fluxkit.sweep`), so that its memory is its own;
+on a CPU, where device memory is not measured, they run in this process. Fidelity on random weights
+measures quantization error on Gaussian-like weights, not image quality on trained weights: every
+result says so, next to the published figures for the real schnell.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bench import DEFAULT_PROMPT, call_prompt
+from .config import Preset, available_presets, load_placement, load_preset
+from .errors import FluxkitError, InputError
+from .images import load_png, save_png
+from .memory import GB, device_available
+from .metrics import ClipScorer, psnr, ssim, summarize
+from .references import reference_prompts
+
+REFERENCE = "bf16"
+FIDELITY_NOTE = ("fidelity on random weights measures quantization error on Gaussian-like weights, not image quality "
+                 "on trained weights")
+# SVDQuant (arXiv 2411.05007), FLUX.1-schnell 4 steps on MJHQ, against bf16 images of the same seeds.
+PUBLISHED = {"nf4 (W4A16, real schnell)": {"psnr_db": 18.2, "lpips": 0.257},
+             "int8 (W8A8, real schnell)": {"psnr_db": 22.9, "lpips": 0.120}}
+
+
+@dataclass(frozen=True)
+class Variant:
+    preset: str
+    t5_quantized: bool
+    placement: str
+
+    @property
+    def name(self) -> str:
+        t5 = "" if self.t5_quantized or self.preset == REFERENCE else "+t5-bf16"
+        return f"{self.preset}{t5}@{self.placement}"
+
+    def resolved_preset(self) -> Preset:
+        preset = load_preset(self.preset)
+        if self.t5_quantized:
+            return preset
+        components = tuple(c for c in preset.quantization.components if c != "text_encoder_2")
+        if not components:
+            return preset
+        return dataclasses.replace(preset, quantization=dataclasses.replace(preset.quantization, components=components))
+
+
+def variants(presets: list[str] | None = None, placements: tuple[str, ...] = ("resident",)) -> list[Variant]:
+    """The reference first, then every preset with T5 quantized and not (where the preset quantizes it)."""
+    names = presets or available_presets()
+    out = [Variant(REFERENCE, False, placement) for placement in placements]
+    for name in names:
+        if name == REFERENCE:
+            continue
+        t5_axis = (True, False) if "text_encoder_2" in load_preset(name).quantization.components else (False,)
+        out += [Variant(name, t5, placement) for placement in placements for t5 in t5_axis]
+    return out
+
+
+def measure_variant(model: str, device: str, variant: Variant, prompts: list[dict], iterations: int,
+                    image_dir: Path) -> dict:
+    """Load one variant, render the prompts into `image_dir`, time `iterations` calls (after one warm-up)."""
+    from .loading import load_flux_schnell
+
+    start = time.perf_counter()
+    m = load_flux_schnell(device=device, quantization=variant.resolved_preset(), model=model,
+                          placement=variant.placement)
+    load_s = time.perf_counter() - start
+    on_gpu = device_available(m.device)
+    resident = torch.cuda.memory_allocated(m.device) if on_gpu else None
+    image_dir.mkdir(parents=True, exist_ok=True)
+    peaks = []
+    for case in prompts:
+        save_png(m.generate(case["prompt"], seed=case["seed"]), image_dir / f"{case['name']}.png")
+        peaks.append(m.last_call.peak_reserved)
+    times = []
+    for i in range(iterations):
+        t0 = time.perf_counter()
+        m.generate(call_prompt(DEFAULT_PROMPT, i), seed=i)
+        times.append(time.perf_counter() - t0)
+        peaks.append(m.last_call.peak_reserved)
+    return {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
+            "placement": variant.placement, "device_name": m.info()["device_name"],
+            "weights": {k: v["bytes"] for k, v in m.weight_report().items()}, "load_s": load_s,
+            "compile_s": m.compile_seconds, "resident_bytes": resident, "peak_reserved_bytes": max(peaks) if on_gpu
+            else None, "planned_resident_bytes": m.plan.resident_bytes, "latency": summarize(times)}
+
+
+def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
+                              prompts: list[dict]) -> dict:
+    image_dir.mkdir(parents=True, exist_ok=True)
+    (image_dir / "prompts.json").write_text(json.dumps(prompts))
+    run = subprocess.run([sys.executable, "-m", "fluxkit.sweep", "--model", model, "--device", device,
+                          "--preset", variant.preset, "--t5", "quantized" if variant.t5_quantized else "bf16",
+                          "--placement", variant.placement, "--iterations", str(iterations), "--prompts",
+                          str(image_dir / "prompts.json"), "--images", str(image_dir)], capture_output=True, text=True,
+                         env=os.environ.copy())
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit {run.returncode}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def load_prompts(path: str | Path | None = None, count: int | None = None) -> list[dict]:
+    """Prompt cases ({name, prompt, seed}) from a YAML or JSON file with a `cases` list, or the reference prompts."""
+    import yaml
+
+    if path is None:
+        cases = reference_prompts()
+    else:
+        data = yaml.safe_load(Path(path).read_text())
+        cases = data["cases"] if isinstance(data, dict) and "cases" in data else data
+        if not (isinstance(cases, list) and cases and all(isinstance(c, dict) and {"name", "prompt", "seed"} <= set(c)
+                                                          for c in cases)):
+            raise InputError(f"prompts={path}: expected a list `cases` of {{name, prompt, seed}} entries")
+    return cases[:count] if count else cases
+
+
+def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int = 5,
+          prompts: list[dict] | None = None) -> dict:
+    """Measure every variant, then score its images against the reference variant's (same prompts and seeds)."""
+    import shutil
+    import tempfile
+
+    prompts = prompts or load_prompts(count=2)
+    fresh = torch.cuda.is_available() and device != "cpu"
+    work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
+    try:
+        return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int,
+           prompts: list[dict], fresh: bool, out_dir: Path) -> dict:
+    rows = []
+    for variant in variant_list:
+        image_dir = out_dir / variant.name.replace("@", "_")
+        try:
+            row = (_measure_in_fresh_process(model, device, variant, iterations, image_dir, prompts) if fresh
+                   else measure_variant(model, device, variant, prompts, iterations, image_dir))
+        except (FluxkitError, RuntimeError) as err:  # a variant this device cannot run stays, with the reason
+            rows.append({"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
+                         "t5_quantized": variant.t5_quantized, "skipped": f"{type(err).__name__}: {err}"})
+            continue
+        row["images"] = image_dir
+        rows.append(row)
+    reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)
+    for row in rows:
+        if "skipped" in row or reference is None:
+            continue
+        pairs = [(load_png(Path(row["images"]) / f"{c['name']}.png"),
+                  load_png(Path(reference["images"]) / f"{c['name']}.png")) for c in prompts]
+        row["fidelity"] = {"psnr_db": min(psnr(a, b) for a, b in pairs), "ssim": min(ssim(a, b) for a, b in pairs),
+                           "clip_image_cosine": min(clip.image_cosine(a, b) for a, b in pairs)}
+    for row in rows:
+        row.pop("images", None)  # scored; the images of random weights are not kept
+    return {"model": model, "device": device, "rows": rows, "reference": REFERENCE, "prompts": prompts,
+            "clip": clip.describe(), "lpips": "not computed: no LPIPS weights in the local cache",
+            "fidelity_note": FIDELITY_NOTE, "published": PUBLISHED}
+
+
+def fits(result: dict, budget_gb: float) -> dict:
+    """Which variants fit a GPU budget (peak reserved, or the plan's resident bytes where memory was not measured),
+    and the fastest of those."""
+    marked = []
+    for row in result["rows"]:
+        if "skipped" in row:
+            continue
+        needed = row["peak_reserved_bytes"] or row["planned_resident_bytes"]
+        marked.append({"variant": row["variant"], "needed_gb": round(needed / GB, 3), "fits": needed <= budget_gb * GB,
+                       "measured": row["peak_reserved_bytes"] is not None, "p50_s": row["latency"]["p50"]})
+    fastest = min((m for m in marked if m["fits"]), key=lambda m: m["p50_s"], default=None)
+    return {"budget_gb": budget_gb, "variants": marked, "fastest_within": fastest and fastest["variant"]}
+
+
+def write_csv(result: dict, path: str | Path) -> Path:
+    path = Path(path)
+    columns = ["variant", "preset", "t5_quantized", "placement", "weights_gb", "load_s", "compile_s", "resident_gb",
+               "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "skipped"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for r in result["rows"]:
+            gb = (lambda v: None if v is None else round(v / GB, 4))
+            fidelity = r.get("fidelity", {})
+            writer.writerow({"variant": r["variant"], "preset": r["preset"], "t5_quantized": r["t5_quantized"],
+                             "placement": r["placement"], "skipped": r.get("skipped", ""),
+                             **({} if "skipped" in r else {
+                                 "weights_gb": gb(r["weights"]["total"]), "load_s": round(r["load_s"], 3),
+                                 "compile_s": r["compile_s"], "resident_gb": gb(r["resident_bytes"]),
+                                 "peak_reserved_gb": gb(r["peak_reserved_bytes"]), "p50_s": r["latency"]["p50"],
+                                 "p99_s": r["latency"]["p99"], **fidelity})})
+    return path
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="measure one sweep variant in this process; prints one JSON line")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--t5", choices=("quantized", "bf16"), default="quantized")
+    parser.add_argument("--placement", default="resident")
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--prompts", required=True, help="a JSON list of {name, prompt, seed}")
+    parser.add_argument("--images", required=True)
+    args = parser.parse_args()
+    variant = Variant(args.preset, args.t5 == "quantized", load_placement(args.placement).name)
+    print(json.dumps(measure_variant(args.model, args.device, variant, load_prompts(args.prompts), args.iterations,
+                                     Path(args.images))))
+
+
+if __name__ == "__main__":
+    _main()

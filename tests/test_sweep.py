@@ -1,0 +1,80 @@
+"""The quantization sweep on the tiny checkpoint (CPU): rows, fidelity to bf16, what fits, skipped variants."""
+import csv
+import math
+
+import pytest
+
+from fluxkit.errors import InputError
+from fluxkit.metrics import load_clip
+from fluxkit.sweep import Variant, fits, load_prompts, sweep, variants, write_csv
+from helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("ViT-B-32", "openai")
+
+
+def test_variants_start_with_the_reference_and_cover_the_t5_axis():
+    names = [v.name for v in variants(["nf4", "int8", "bf16"])]
+    assert names == ["bf16@resident", "nf4@resident", "nf4+t5-bf16@resident", "int8@resident", "int8+t5-bf16@resident"]
+    unquantized_t5 = Variant("nf4", False, "resident").resolved_preset()
+    assert unquantized_t5.quantization.components == ("transformer",)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_dir, clip, tmp_path_factory):
+    chosen = variants(["nf4", "int8"])
+    return sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=load_prompts(count=1))
+
+
+def test_every_variant_is_measured_and_scored_against_bf16(result):
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"bf16@resident", "nf4@resident", "nf4+t5-bf16@resident", "int8@resident",
+                         "int8+t5-bf16@resident"}
+    assert rows["bf16@resident"]["fidelity"]["psnr_db"] == math.inf  # the reference against itself
+    for name, row in rows.items():
+        assert row["latency"]["n"] == 2 and row["load_s"] > 0
+        if name != "bf16@resident":
+            assert row["fidelity"]["psnr_db"] < math.inf and -1 <= row["fidelity"]["ssim"] <= 1
+    assert rows["nf4@resident"]["weights"]["transformer"] < rows["int8@resident"]["weights"]["transformer"] \
+        < rows["bf16@resident"]["weights"]["transformer"]
+    assert rows["nf4+t5-bf16@resident"]["weights"]["text_encoder_2"] > rows["nf4@resident"]["weights"]["text_encoder_2"]
+    assert "not image quality" in result["fidelity_note"] and result["published"]
+
+
+def test_the_fits_table_and_the_csv(result, tmp_path):
+    table = fits(result, budget_gb=0.014)  # between the tiny nf4 (13.6 MB planned) and bf16 (14.5 MB) plans
+    fitting = {m["variant"] for m in table["variants"] if m["fits"]}
+    assert "bf16@resident" not in fitting and "nf4@resident" in fitting
+    assert table["fastest_within"] in fitting and all(not m["measured"] for m in table["variants"])
+    rows = list(csv.DictReader(open(write_csv(result, tmp_path / "sweep.csv"))))
+    assert [r["variant"] for r in rows] == [r["variant"] for r in result["rows"]] and rows[1]["psnr_db"]
+
+
+def test_a_variant_the_device_cannot_run_stays_with_its_reason(tiny_dir, clip, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = sweep(str(tiny_dir), "cuda", variants(["nf4"]), clip, iterations=1, prompts=load_prompts(count=1))
+    assert all("no usable CUDA GPU" in r["skipped"] for r in result["rows"])
+    assert fits(result, 6.0) == {"budget_gb": 6.0, "variants": [], "fastest_within": None}
+
+
+def test_prompt_files(tmp_path):
+    good = tmp_path / "p.yaml"
+    good.write_text("cases:\n  - {name: cat, prompt: a cat, seed: 1}\n")
+    assert load_prompts(good) == [{"name": "cat", "prompt": "a cat", "seed": 1}]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cases: [a cat]\n")
+    with pytest.raises(InputError, match="expected a list `cases`"):
+        load_prompts(bad)
+
+
+def test_sweep_cli(tiny_dir, tmp_path):
+    run = run_cli("sweep", "--model", str(tiny_dir), "--device", "cpu", "--variants", "nf4", "--iterations", "1",
+                  "--clip-model", "ViT-B-32", "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "sweep.json").is_file() and (tmp_path / "out" / "sweep.csv").is_file()
+    assert "nf4@resident" in run.stdout and "fastest within 6.0 GB" in run.stdout
