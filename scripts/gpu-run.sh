@@ -10,6 +10,8 @@
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
 #   restart        two fresh processes, each to its first image: the second finds the compile cache warm
+#   sweep-P        fluxkit sweep under placement P (every preset, T5 quantized or not; fidelity to bf16)
+#   prequantized   fluxkit quantize --placement vortex, then a fresh process to its first image from each folder
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 JUPYTER_PATH="$site/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
@@ -43,6 +45,16 @@ for step in "$@"; do
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
         --placement "${step#expandable-}" --calls 3 ;;
+    sweep-*) fluxkit sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations 20 \
+               --out "$LOGS/sweep_${step#sweep-}" ;;
+    prequantized)
+      [ -d /dev/shm/flux-nf4-vortex ] || fluxkit quantize --model "$CKPT" --device cuda --placement vortex \
+        --out /dev/shm/flux-nf4-vortex
+      for folder in "$CKPT" /dev/shm/flux-nf4-vortex; do
+        t0=$EPOCHREALTIME
+        fluxkit generate --prompt "cold start" --model "$folder" --device cuda --placement vortex --out /tmp/cold.png
+        echo "$folder: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
+      done ;;
     restart)  # an empty compile cache for the first process, the one it filled for the second
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
       for run in cold warm; do
