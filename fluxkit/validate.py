@@ -100,7 +100,7 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
 def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
              name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
              seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", baseline: bool = False,
-             progress: bool = True) -> tuple[Path, int]:
+             sweep_presets: list[str] | None = None, progress: bool = True) -> tuple[Path, int]:
     """Run every notebook and write the report; returns (report folder, exit code)."""
     import papermill
     from tqdm.auto import tqdm
@@ -110,6 +110,7 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
     check_number("iterations", iterations, 1, 100_000, integer=True)
     check_number("drift_calls", drift_calls, 2, 100_000, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    sweep_presets = [load_preset(p).name for p in sweep_presets] if sweep_presets else None
     out_root = Path(out_root)
     name = check_report_name(name) if name is not None else default_name(model, device, quantization, placement)
     out_dir = out_root / name
@@ -119,7 +120,7 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
     kernel = ensure_kernel()
     parameters = dict(model=str(model), device=device, quantization=quantization, placement=placement, seed=seed,
                       out_dir=".", iterations=iterations, drift_calls=drift_calls, baseline=baseline,
-                      clip_model=clip_model, clip_pretrained=clip_pretrained)
+                      sweep_presets=sweep_presets, clip_model=clip_model, clip_pretrained=clip_pretrained)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.incomplete-", dir=out_root))
     try:
         status = {}

@@ -2,9 +2,10 @@
 # GPU-host runs behind reports/: builds the full-size synthetic checkpoint in /dev/shm (kept while the machine
 # stays warm), then runs the named steps. Logs and results land in $OUT/results.tgz (the device tool brings it back).
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host").
-# Usage: bash scripts/gpu-run.sh STEP...
-#   cotenancy      tests/test_gpu_cotenancy.py and tests/test_gpu_placements.py (fresh process each)
-#   model-tests    tests/test_gpu_model.py
+# Usage: bash scripts/gpu-run.sh STEP...   (scripts/gpu-lanes.sh runs several of these side by side, one per GPU)
+# Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
+#   cotenancy      tests/test_gpu_cotenancy.py
+#   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
 #   references     render reference_images/ for the full checkpoint (nf4, resident)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload)
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
@@ -28,14 +29,14 @@ for step in "$@"; do
   start=$SECONDS
   case $step in
     cotenancy|model-tests)
-      files="tests/test_gpu_cotenancy.py tests/test_gpu_placements.py"
-      [ "$step" = model-tests ] && files=tests/test_gpu_model.py
+      files=tests/test_gpu_cotenancy.py
+      [ "$step" = model-tests ] && files="tests/test_gpu_model.py tests/test_gpu_placements.py"
       for f in $files; do  # each in a fresh process
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
       done ;;
     references) fluxkit references --model "$CKPT" --device cuda --overwrite ;;
     validate-*) fluxkit validate --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls ${DRIFT_CALLS:-100} \
-                  --name "$GPU-synthetic-full-nf4-${step#validate-}" ;;
+                  --name "$GPU-synthetic-full-nf4-${step#validate-}${REPORT_SUFFIX:-}" ${SWEEP_PRESETS:+--sweep-presets $SWEEP_PRESETS} ;;
     baseline) fluxkit bench --model "$CKPT" --device cuda --baseline plain --iterations 50 --rounds 10 \
                 --json "$LOGS/side_by_side_$GPU.json" ;;
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations 50 \
@@ -45,7 +46,7 @@ for step in "$@"; do
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
         --placement "${step#expandable-}" --calls 3 ;;
-    sweep-*) fluxkit sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations 20 \
+    sweep-*) fluxkit sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
                --out "$LOGS/sweep_${step#sweep-}" ;;
     prequantized)
       [ -d /dev/shm/flux-nf4-vortex ] || fluxkit quantize --model "$CKPT" --device cuda --placement vortex \

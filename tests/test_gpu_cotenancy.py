@@ -27,12 +27,19 @@ def rest_of_vortex():
     torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+def _phase_memory(model) -> str:
+    """Per phase of the thread's last call: rise above its start and the allocator's peak reserved, in GB."""
+    return ", ".join(f"{m.phase} +{m.rise / GB:.3f} (peak reserved {m.peak_reserved / GB:.3f})"
+                     for m in model.last_call.memory)
+
+
 def test_vortex_placement_runs_beside_the_rest_of_vortex(full_dir, rest_of_vortex):
     budgets, before = rest_of_vortex
     model = load_flux_schnell(device="cuda", model=full_dir, placement="vortex", vram_limit_gb=budgets.vortex_total_gb)
     resident = torch.cuda.memory_allocated() - before
     buffer = torch.empty((512, 512, 3), dtype=torch.float32)
     model.generate(PROMPT, seed=0, output=buffer)  # warm-up
+    print(f"\nfirst call after loading: {_phase_memory(model)}")
     torch.cuda.synchronize()
     start_alloc = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -48,7 +55,7 @@ def test_vortex_placement_runs_beside_the_rest_of_vortex(full_dir, rest_of_vorte
     print(f"\nvortex beside {budgets.rest_of_vortex_gb} GB ballast, cap {budgets.vortex_total_gb} GB: Flux resident "
           f"{resident / GB:.3f} GB ({resident / 2**30:.3f} GiB), process peak reserved {peak_reserved / GB:.3f} GB, "
           f"drift {drift / 1e6:.2f} MB over 100 calls, P50 {s['p50']:.3f} s, P99 {s['p99']:.3f} s, "
-          f"streamed modulation layers {len(model.modulation.parked)}")
+          f"streamed modulation layers {len(model.modulation.parked)}; last call: {_phase_memory(model)}")
     assert abs(drift) < budgets.drift_mb * 1e6
     assert peak_reserved <= budgets.vortex_total_gb * GB
 
