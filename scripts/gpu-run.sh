@@ -3,7 +3,7 @@
 # stays warm), then runs the named steps. Logs and results land in $OUT/results.tgz (the device tool brings it back).
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host").
 # Usage: bash scripts/gpu-run.sh STEP...   (scripts/gpu-lanes.sh runs several of these side by side, one per GPU)
-# Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
+# Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
 #   references     render reference_images/ for the full checkpoint (nf4, resident)
@@ -39,7 +39,7 @@ for step in "$@"; do
                   --name "$GPU-synthetic-full-nf4-${step#validate-}${REPORT_SUFFIX:-}" ${SWEEP_PRESETS:+--sweep-presets $SWEEP_PRESETS} ;;
     baseline) fluxkit bench --model "$CKPT" --device cuda --baseline plain --iterations 50 --rounds 10 \
                 --json "$LOGS/side_by_side_$GPU.json" ;;
-    bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations 50 \
+    bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations ${BENCH_ITERATIONS:-50} \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
     probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
       python3 -m fluxkit.profiling -v --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
