@@ -70,9 +70,11 @@ class _Parked:
         out_features, in_features = state.shape
         layer = bnb.nn.Linear4bit(in_features, out_features, bias is not None, compute_dtype=dtype,
                                   quant_type=state.quant_type, device="meta")
+        # No `module=layer`: that reference cycle (layer -> weight -> layer) left every parked weight of a call on
+        # the GPU until Python's garbage collector happened to run (0.3-0.5 GB more working memory, measured).
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_state=state, blocksize=state.blocksize,
                                          compress_statistics=state.nested, quant_type=state.quant_type,
-                                         bnb_quantized=True, module=layer)
+                                         bnb_quantized=True)
         if bias is not None:
             layer.bias = torch.nn.Parameter(bias, requires_grad=False)
         return layer(x)
