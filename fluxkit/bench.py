@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .checks import check_number
+from .errors import InputError
 from .generation import FluxModel
 from .metrics import psnr, summarize
 from .sampling import PHASES
@@ -63,6 +64,13 @@ def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, promp
 
 # ---- side by side with the plain diffusers pattern ------------------------------------------------------
 
+def check_plain_pattern(preset) -> None:
+    """The plain pattern is diffusers' bitsandbytes quantizer: other presets have no plain counterpart here."""
+    if preset.quantization.backend not in ("bitsandbytes_4bit", "bitsandbytes_8bit"):
+        raise InputError(f"--baseline plain compares with diffusers' bitsandbytes quantizer; preset {preset.name} "
+                         f"uses {preset.quantization.backend}: choose a bitsandbytes preset (nf4, nf4-nodq, fp4, int8)")
+
+
 class PlainPattern:
     """What a new user writes with diffusers: FluxPipeline with PipelineQuantizationConfig (the preset's
     bitsandbytes settings on the transformer and T5), everything on the GPU, eager, output_type="pt"."""
@@ -72,10 +80,12 @@ class PlainPattern:
 
         q = preset.quantization
         dtype = getattr(torch, preset.dtype)
-        config = PipelineQuantizationConfig(
-            quant_backend=q.backend, components_to_quantize=list(q.components),
-            quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type,
-                          "bnb_4bit_compute_dtype": dtype, "bnb_4bit_use_double_quant": q.double_quant})
+        check_plain_pattern(preset)
+        kwargs = {"load_in_8bit": True} if q.backend == "bitsandbytes_8bit" else {
+            "load_in_4bit": True, "bnb_4bit_quant_type": q.quant_type, "bnb_4bit_compute_dtype": dtype,
+            "bnb_4bit_use_double_quant": q.double_quant}
+        config = PipelineQuantizationConfig(quant_backend=q.backend, components_to_quantize=list(q.components),
+                                            quant_kwargs=kwargs)
         self.pipe = FluxPipeline.from_pretrained(folder, quantization_config=config, dtype=dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device, self.generation = device, preset.generation

@@ -185,10 +185,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                           "plans": [p.to_dict() for p in plans], "recommended": best and best.to_dict()}, indent=2))
         return 0
     print(f"{described}; GB = 10^9 bytes; share {args.budget_gb} GB of a {args.total_gb} GB card")
-    print(f"{'preset':>6} {'placement':>9} {'resident':>9} {'peak':>7} {'host RAM':>9} {'moved/call':>11} "
+    print(f"{'preset':>14} {'placement':>9} {'resident':>9} {'peak':>7} {'host RAM':>9} {'moved/call':>11} "
           f"{'fits share':>10} {'fits card':>9}")
     for p in plans:
-        print(f"{p.preset:>6} {p.placement:>9} {p.resident_bytes / 1e9:>9.2f} {p.peak_bytes / 1e9:>7.2f} "
+        print(f"{p.preset:>14} {p.placement:>9} {p.resident_bytes / 1e9:>9.2f} {p.peak_bytes / 1e9:>7.2f} "
               f"{p.host_bytes / 1e9:>9.2f} {p.moved_per_call / 1e9:>11.2f} {'yes' if p.fits else 'no':>10} "
               f"{'yes' if p.peak_bytes <= args.total_gb * 1e9 else 'no':>9}")
     if best is None:
@@ -221,10 +221,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_side_by_side(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import load_side_by_side, side_by_side
+    from .bench import check_plain_pattern, load_side_by_side, side_by_side
+    from .config import load_preset
     from .errors import InputError
     from .report import to_jsonable
 
+    check_plain_pattern(load_preset(args.quantization))
     if args.device == "cpu" or not torch.cuda.is_available():
         raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run without one")
     variants, resident = load_side_by_side(args.model, "cuda", args.quantization, "bf16")
@@ -469,7 +471,15 @@ def _force_offline() -> None:
         hub_constants.HF_HUB_OFFLINE = True
 
 
+# Notices printed when torchao is imported (by diffusers, whatever the preset): torch's deprecation of torchao's
+# pytree registrations, and diffusers' own torchao quantizer (which fluxkit does not use) failing to import under
+# this torchao. Nothing a fluxkit user can act on, and they would turn every one-line error into several lines.
+QUIET_LOGGERS = ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if getattr(args, "gpu", "absent") is None:
         args.gpu = _gpu_keys()

@@ -22,7 +22,12 @@ DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 CONFIG_DIR = Path(__file__).parent / "configs"
 PLACEMENTS_FILE = CONFIG_DIR / "placements.yaml"
 QUANTIZABLE_COMPONENTS = ("transformer", "text_encoder_2")
-BACKENDS = ("none", "bitsandbytes_4bit", "bitsandbytes_8bit")
+# quant_type per backend: bitsandbytes 4-bit data types, torchao configs (fluxkit/quantization.py), and the storage
+# dtype of diffusers' layerwise casting. bitsandbytes 8-bit has one kind.
+QUANT_TYPES = {"none": (), "bitsandbytes_4bit": ("nf4", "fp4"), "bitsandbytes_8bit": (),
+               "torchao": ("int8_weight_only", "float8_weight_only", "float8_dynamic", "int4_weight_only"),
+               "layerwise_casting": ("float8_e4m3fn", "float8_e5m2")}
+BACKENDS = tuple(QUANT_TYPES)
 DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODER_2_MODES = ("gpu", "stream")
 MODULATION_MODES = ("gpu", "fit")
@@ -41,7 +46,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class QuantizationSpec:
-    """bitsandbytes settings; the compute dtype is the preset's `dtype`."""
+    """Which components are quantized, and how; the compute dtype is the preset's `dtype`."""
 
     backend: str = "none"
     quant_type: str = "nf4"
@@ -50,7 +55,8 @@ class QuantizationSpec:
 
     def __post_init__(self) -> None:
         _check_choice("quantization.backend", self.backend, BACKENDS)
-        _check_choice("quantization.quant_type", self.quant_type, ("nf4", "fp4"))
+        if QUANT_TYPES[self.backend]:
+            _check_choice("quantization.quant_type", self.quant_type, QUANT_TYPES[self.backend])
         for c in self.components:
             _check_choice("quantization.components", c, QUANTIZABLE_COMPONENTS)
         if self.backend == "none" and self.components:

@@ -23,6 +23,7 @@ import yaml
 from .config import CONFIG_DIR, GenerationSpec, PlacementSpec, Preset, _build
 from .errors import InputError
 from .plan import Plan, component_tensors
+from .quantization import converted, keep_in_fp32
 from .sampling import PHASES
 
 ASSUMPTIONS = ("published peak figures (fluxkit/configs/gpus.yaml); each phase keeps the fraction of its binding "
@@ -105,9 +106,8 @@ def _read_bytes(module: torch.nn.Module, preset: Preset, quantized: bool) -> flo
     stored = sum(sum(v) for v in component_tensors(module, spec, 2).values())
     if spec is None or spec.backend != "bitsandbytes_4bit":
         return float(stored)
-    skip = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-    dequantized = sum(m.weight.numel() for n, m in module.named_modules()
-                      if type(m) is torch.nn.Linear and not any(s in n.split(".") for s in skip))
+    skip = keep_in_fp32(module)
+    dequantized = sum(m.weight.numel() for n, m in module.named_modules() if converted(n, m, skip))
     return float(stored + 4 * dequantized)
 
 

@@ -37,6 +37,7 @@ from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
 from .placement import ModulationTables, quantize_to_host, stream_text_encoder
 from .plan import Plan, plan_placement
+from .quantization import POST_LOAD_BACKENDS, convert_after_load, unsupported
 
 log = logging.getLogger("fluxkit")
 
@@ -257,12 +258,14 @@ def _load_transformer(folder: Path, preset: Preset, placement: PlacementSpec, pl
     streamed = plan.streamed_modulation
     pin = device.type == "cuda"
     parked = {}
-    if "transformer" not in spec.components:
+    if "transformer" not in spec.components or spec.backend in POST_LOAD_BACKENDS:
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=dtype)
         parked = {n: quantize_to_host(transformer.get_submodule(n), spec, device, dtype, pin) for n in streamed}
         for n in streamed:  # keep the parked layers' weights off the device
             owner, attr = n.rsplit(".", 1)
             setattr(transformer.get_submodule(owner), attr, torch.nn.Identity())
+        if "transformer" in spec.components:
+            transformer = convert_after_load(transformer, spec, device, dtype)
         transformer.to(device)
     elif device.type == "cuda" and not streamed:
         prequantized = "quantization_config" in FluxTransformer2DModel.load_config(folder / "transformer")
@@ -286,6 +289,8 @@ def _load_text_encoder_2(folder: Path, preset: Preset, placement: PlacementSpec,
         if device.type == "cuda":
             stream_text_encoder(t5, device)
         return t5
+    if "text_encoder_2" in spec.components and spec.backend in POST_LOAD_BACKENDS:
+        return convert_after_load(T5EncoderModel.from_pretrained(path, dtype=dtype), spec, device, dtype)
     if "text_encoder_2" in spec.components:
         device_map = {"": device} if device.type == "cuda" else {"": "cpu"}
         prequantized = "quantization_config" in json.loads((path / "config.json").read_text())
@@ -377,6 +382,10 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     preset, spec, vram_limit_gb = _check_arguments(quantization, placement, model, revision, vram_limit_gb,
                                                    preflight_check)
     dev = resolve_device(device)
+    reason = unsupported(preset.quantization, dev)
+    if reason:
+        raise VortexInitializationError(f"preset {preset.name} cannot run on {dev}: {reason}.",
+                                        remediation="choose another preset (`fluxkit plan` lists them) or device")
     if revision is None and str(model) in (preset.model.id, "auto"):
         revision = preset.model.revision
     start = time.perf_counter()

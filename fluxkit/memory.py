@@ -31,7 +31,13 @@ def _quant_state_bytes(state) -> int:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a parameter really occupies: packed 4-bit data plus its QuantState, or int8 data plus scales."""
+    """Bytes a parameter really occupies: packed 4-bit data plus its QuantState, int8 data plus scales, or the
+    inner tensors of a tensor subclass (torchao keeps quantized data and scales inside a bf16-typed wrapper)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
     total = t.numel() * t.element_size()
     state = getattr(t, "quant_state", None)
     if state is not None:
@@ -43,10 +49,12 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def module_weight_bytes(module: torch.nn.Module) -> int:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     seen: set[int] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
-        key = t.data_ptr() if t.device.type != "meta" else id(t)
+        key = id(t) if t.device.type == "meta" or is_traceable_wrapper_subclass(t) else t.data_ptr()
         if key in seen:
             continue
         seen.add(key)

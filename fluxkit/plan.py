@@ -30,6 +30,7 @@ from .config import (
 from .errors import InputError
 from .hub import cached_snapshot
 from .memory import GB
+from .quantization import INT4_GROUP, converted, keep_in_fp32, layerwise_cast_modules, layerwise_patterns
 from .synthetic import PRESETS, meta_model
 
 CUDA_ALLOCATION_GRANULE = 512
@@ -45,9 +46,16 @@ def is_modulation(name: str) -> bool:
 
 
 def quantized_linear_tensors(numel: int, out_features: int, spec: QuantizationSpec) -> list[int]:
-    """Bytes of each tensor bitsandbytes keeps for one quantized Linear weight."""
+    """Bytes of each tensor a quantization backend keeps for one quantized Linear weight."""
     if spec.backend == "bitsandbytes_8bit":
         return [numel, out_features * 4]  # int8 data, float32 row scales (SCB)
+    if spec.backend == "torchao":
+        if spec.quant_type == "int8_weight_only":
+            return [numel, out_features * 4, out_features]  # int8 data, float32 row scales, int8 row zero points
+        if spec.quant_type == "int4_weight_only":  # packed data, bf16 scales and zero points per group of 128
+            groups = math.ceil(numel // out_features / INT4_GROUP) * out_features
+            return [math.ceil(numel / 2), groups * 2, groups * 2]
+        return [numel, out_features * 4]  # float8 data, float32 row scales
     blocks = math.ceil(numel / NF4_BLOCK)
     if spec.double_quant:  # uint8 absmax, float32 offset, nested float32 absmax and 256-entry code, 16-entry code
         return [math.ceil(numel / 2), blocks, 4, math.ceil(blocks / NESTED_BLOCK) * 4, 256 * 4, 16 * 4]
@@ -55,19 +63,22 @@ def quantized_linear_tensors(numel: int, out_features: int, spec: QuantizationSp
 
 
 def component_tensors(module: torch.nn.Module, spec: QuantizationSpec | None, dtype_bytes: int) -> dict[str, list[int]]:
-    """Owner module name -> bytes of each tensor it will hold once loaded (quantized Linears per `spec`)."""
-    skip = tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) if spec else ()
+    """Owner module name -> bytes of each tensor it will hold once loaded (quantized per `spec`)."""
+    skip = keep_in_fp32(module) if spec else ()
+    cast = set(layerwise_cast_modules(module, layerwise_patterns(module))) \
+        if spec and spec.backend == "layerwise_casting" else set()
     out: dict[str, list[int]] = {}
     seen: set[int] = set()
     for name, mod in module.named_modules():
-        quantized = (spec is not None and type(mod) is torch.nn.Linear
-                     and not any(s in name.split(".") for s in skip))
+        quantized = spec is not None and not cast and converted(name, mod, skip)
         for p_name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if id(t) in seen:
                 continue
             seen.add(id(t))
             if quantized and p_name == "weight":
                 out.setdefault(name, []).extend(quantized_linear_tensors(t.numel(), mod.out_features, spec))
+            elif name in cast and t.is_floating_point():  # stored in the 1-byte float8 storage dtype
+                out.setdefault(name, []).append(t.numel())
             else:  # floating tensors load in the model dtype; index buffers (CLIP's position_ids) keep theirs
                 out.setdefault(name, []).append(t.numel() * (dtype_bytes if t.is_floating_point() else t.element_size()))
     return out

@@ -42,14 +42,17 @@ class Variant:
     preset: str
     t5_quantized: bool
     placement: str
+    compiled: bool | None = None  # None: as the preset says (compilation only acts on a CUDA device)
 
     @property
     def name(self) -> str:
         t5 = "" if self.t5_quantized or self.preset == REFERENCE else "+t5-bf16"
-        return f"{self.preset}{t5}@{self.placement}"
+        return f"{self.preset}{t5}{'+eager' if self.compiled is False else ''}@{self.placement}"
 
     def resolved_preset(self) -> Preset:
         preset = load_preset(self.preset)
+        if self.compiled is not None:
+            preset = dataclasses.replace(preset, compile=self.compiled)
         if self.t5_quantized:
             return preset
         components = tuple(c for c in preset.quantization.components if c != "text_encoder_2")
@@ -93,7 +96,7 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
         times.append(time.perf_counter() - t0)
         peaks.append(m.last_call.peak_reserved)
     return {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
-            "placement": variant.placement, "device_name": m.info()["device_name"],
+            "placement": variant.placement, "compiled": m.compile_seconds is not None, "device_name": m.info()["device_name"],
             "weights": {k: v["bytes"] for k, v in m.weight_report().items()}, "load_s": load_s,
             "compile_s": m.compile_seconds, "resident_bytes": resident, "peak_reserved_bytes": max(peaks) if on_gpu
             else None, "planned_resident_bytes": m.plan.resident_bytes, "latency": summarize(times)}
@@ -105,7 +108,8 @@ def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterati
     (image_dir / "prompts.json").write_text(json.dumps(prompts))
     run = subprocess.run([sys.executable, "-m", "fluxkit.sweep", "--model", model, "--device", device,
                           "--preset", variant.preset, "--t5", "quantized" if variant.t5_quantized else "bf16",
-                          "--placement", variant.placement, "--iterations", str(iterations), "--prompts",
+                          "--placement", variant.placement, "--compile", "on" if variant.compiled else "off",
+                          "--iterations", str(iterations), "--prompts",
                           str(image_dir / "prompts.json"), "--images", str(image_dir)], capture_output=True, text=True,
                          env=os.environ.copy())
     if run.returncode != 0:
@@ -137,6 +141,8 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
 
     prompts = prompts or load_prompts(count=2)
     fresh = torch.cuda.is_available() and device != "cpu"
+    if fresh:  # each variant eager and compiled; on a CPU nothing is compiled
+        variant_list = [dataclasses.replace(v, compiled=c) for v in variant_list for c in (True, False)]
     work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
     try:
         return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work)
@@ -154,11 +160,12 @@ def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScore
                    else measure_variant(model, device, variant, prompts, iterations, image_dir))
         except (FluxkitError, RuntimeError) as err:  # a variant this device cannot run stays, with the reason
             rows.append({"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
-                         "t5_quantized": variant.t5_quantized, "skipped": f"{type(err).__name__}: {err}"})
+                         "t5_quantized": variant.t5_quantized, "compiled": variant.compiled,
+                         "skipped": f"{type(err).__name__}: {err}"})
             continue
         row["images"] = image_dir
         rows.append(row)
-    reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)
+    reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)  # compiled first
     for row in rows:
         if "skipped" in row or reference is None:
             continue
@@ -189,7 +196,7 @@ def fits(result: dict, budget_gb: float) -> dict:
 
 def write_csv(result: dict, path: str | Path) -> Path:
     path = Path(path)
-    columns = ["variant", "preset", "t5_quantized", "placement", "weights_gb", "load_s", "compile_s", "resident_gb",
+    columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s", "compile_s", "resident_gb",
                "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "skipped"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -198,7 +205,7 @@ def write_csv(result: dict, path: str | Path) -> Path:
             gb = (lambda v: None if v is None else round(v / GB, 4))
             fidelity = r.get("fidelity", {})
             writer.writerow({"variant": r["variant"], "preset": r["preset"], "t5_quantized": r["t5_quantized"],
-                             "placement": r["placement"], "skipped": r.get("skipped", ""),
+                             "placement": r["placement"], "compiled": r["compiled"], "skipped": r.get("skipped", ""),
                              **({} if "skipped" in r else {
                                  "weights_gb": gb(r["weights"]["total"]), "load_s": round(r["load_s"], 3),
                                  "compile_s": r["compile_s"], "resident_gb": gb(r["resident_bytes"]),
@@ -214,11 +221,12 @@ def _main() -> None:
     parser.add_argument("--preset", required=True)
     parser.add_argument("--t5", choices=("quantized", "bf16"), default="quantized")
     parser.add_argument("--placement", default="resident")
+    parser.add_argument("--compile", choices=("on", "off"), default="on")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--prompts", required=True, help="a JSON list of {name, prompt, seed}")
     parser.add_argument("--images", required=True)
     args = parser.parse_args()
-    variant = Variant(args.preset, args.t5 == "quantized", load_placement(args.placement).name)
+    variant = Variant(args.preset, args.t5 == "quantized", load_placement(args.placement).name, args.compile == "on")
     print(json.dumps(measure_variant(args.model, args.device, variant, load_prompts(args.prompts), args.iterations,
                                      Path(args.images))))
 

@@ -14,7 +14,7 @@ from fluxkit.config import load_preset
 PROMPT = "manic scientist, blue spiked hair, white lab coat"
 # validate on the tiny checkpoint in seconds: few calls, the small CLIP backbone
 FAST_VALIDATE = dict(model="auto", device="cpu", iterations=3, drift_calls=2, clip_model="ViT-B-32",
-                     clip_pretrained="openai", progress=False)
+                     clip_pretrained="openai", sweep_presets=["nf4"], progress=False)
 
 
 def run_cli(*args: str, env_extra: dict | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from fluxkit import cli
+from fluxkit.config import available_placements, available_presets
 from helpers import PROMPT, copy_checkpoint, run_cli
 
 
@@ -46,6 +47,10 @@ def _user_errors(tmp_path, tiny_dir):
         "damaged checkpoint": (["generate", "--prompt", "a cat", "--model", str(damaged), "--device", "cpu",
                                 "--out", ok_png], "is not a whole safetensors file"),
         "synth into a file": (["synth", "--out", str(tmp_path / "x.jpg")], None),
+        "plain pattern of a torchao preset": (["bench", "--baseline", "plain", "--quantization", "torchao-int8wo"],
+                                              "bitsandbytes quantizer"),
+        "preset this device cannot run": (gen + ["--quantization", "torchao-fp8dq", "--out", ok_png],
+                                          "compute capability 8.9"),
     }
 
 
@@ -106,7 +111,8 @@ def test_plan_prints_every_preset_and_placement_and_recommends_vortex():
     assert "recommended: --quantization nf4 --placement vortex" in run.stdout
     run = run_cli("plan", "--json", "--budget-gb", "4")
     plans = json.loads(run.stdout)
-    assert len(plans["plans"]) == 15 and plans["recommended"] is None
+    assert len(plans["plans"]) == len(available_presets()) * len(available_placements())
+    assert plans["recommended"] is None
     run = run_cli("plan", "--budget-gb", "4")
     assert run.returncode == 1 and "nothing fits a 4.0 GB share" in run.stdout
 

@@ -53,6 +53,30 @@ def test_small_layer_bytes_match_bitsandbytes():
         assert tensor_bytes(param) == sum(quantized_linear_tensors(weight.numel(), 192, spec)), name
 
 
+def test_torchao_layer_bytes_by_hand():
+    from torchao.quantization import quantize_
+
+    from fluxkit.memory import tensor_bytes
+    from fluxkit.quantization import torchao_config
+
+    by_hand = {"torchao-int8wo": 192 * 128 + 192 * 4 + 192,  # int8 data, float32 row scales, int8 zero points
+               "torchao-fp8wo": 192 * 128 + 192 * 4}  # float8 data, float32 row scales
+    for name, expected in by_hand.items():
+        spec = load_preset(name).quantization
+        layer = torch.nn.Sequential(torch.nn.Linear(128, 192))
+        quantize_(layer, torchao_config(spec.quant_type))
+        assert tensor_bytes(layer[0].weight) == sum(quantized_linear_tensors(192 * 128, 192, spec)) == expected, name
+
+
+@pytest.mark.parametrize("preset", ["torchao-int8wo", "torchao-fp8wo", "fp8-layerwise"])
+def test_post_load_quantization_plans_equal_the_loaded_tiny_checkpoint(tiny_dir, preset):
+    model = load_flux_schnell(device="cpu", quantization=preset, model=tiny_dir)
+    measured = {name: module_weight_bytes(module) for name, module in model.components.items()}
+    assert {name: c.weight_bytes for name, c in model.plan.components.items()} == measured
+    bf16 = load_flux_schnell(device="cpu", quantization="bf16", model=tiny_dir)
+    assert measured["transformer"] < module_weight_bytes(bf16.components["transformer"])
+
+
 @pytest.mark.parametrize("placement", ["resident", "vortex", "offload"])
 def test_plan_equals_the_loaded_tiny_checkpoint(tiny_dir, placement):
     model = load_flux_schnell(device="cpu", quantization="nf4", model=tiny_dir, placement=placement)

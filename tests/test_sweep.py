@@ -20,18 +20,24 @@ def test_variants_start_with_the_reference_and_cover_the_t5_axis():
     assert names == ["bf16@resident", "nf4@resident", "nf4+t5-bf16@resident", "int8@resident", "int8+t5-bf16@resident"]
     unquantized_t5 = Variant("nf4", False, "resident").resolved_preset()
     assert unquantized_t5.quantization.components == ("transformer",)
+    eager = Variant("nf4", True, "resident", compiled=False)
+    assert eager.name == "nf4+eager@resident" and eager.resolved_preset().compile is False
 
 
 @pytest.fixture(scope="module")
 def result(tiny_dir, clip, tmp_path_factory):
-    chosen = variants(["nf4", "int8"])
+    chosen = variants(["nf4", "int8", "torchao-int8wo", "fp8-layerwise", "torchao-fp8dq"])
     return sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=load_prompts(count=1))
 
 
 def test_every_variant_is_measured_and_scored_against_bf16(result):
     rows = {r["variant"]: r for r in result["rows"]}
+    skipped = {name: rows.pop(name)["skipped"] for name in list(rows) if "skipped" in rows[name]}
+    assert set(skipped) == {"torchao-fp8dq@resident", "torchao-fp8dq+t5-bf16@resident"}  # CPU: no float8 matmul
+    assert all("compute capability 8.9" in reason for reason in skipped.values())
     assert set(rows) == {"bf16@resident", "nf4@resident", "nf4+t5-bf16@resident", "int8@resident",
-                         "int8+t5-bf16@resident"}
+                         "int8+t5-bf16@resident", "torchao-int8wo@resident", "torchao-int8wo+t5-bf16@resident",
+                         "fp8-layerwise@resident", "fp8-layerwise+t5-bf16@resident"}
     assert rows["bf16@resident"]["fidelity"]["psnr_db"] == math.inf  # the reference against itself
     for name, row in rows.items():
         assert row["latency"]["n"] == 2 and row["load_s"] > 0
@@ -39,6 +45,7 @@ def test_every_variant_is_measured_and_scored_against_bf16(result):
             assert row["fidelity"]["psnr_db"] < math.inf and -1 <= row["fidelity"]["ssim"] <= 1
     assert rows["nf4@resident"]["weights"]["transformer"] < rows["int8@resident"]["weights"]["transformer"] \
         < rows["bf16@resident"]["weights"]["transformer"]
+    assert rows["torchao-int8wo@resident"]["weights"]["transformer"] < rows["bf16@resident"]["weights"]["transformer"]
     assert rows["nf4+t5-bf16@resident"]["weights"]["text_encoder_2"] > rows["nf4@resident"]["weights"]["text_encoder_2"]
     assert "not image quality" in result["fidelity_note"] and result["published"]
 

@@ -116,8 +116,8 @@ def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_pa
 
 def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, cache_dir):
     # fp4 on the tiny checkpoint has no reference images: the quality notebook refuses
-    out_dir, code = validate_module.validate(name="fp4", out_root=tmp_path, quantization="fp4", sweep_presets=["fp4"],
-                                             **FAST_VALIDATE)
+    out_dir, code = validate_module.validate(**{**FAST_VALIDATE, "sweep_presets": ["fp4"]}, name="fp4",
+                                             out_root=tmp_path, quantization="fp4")
     assert code != 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert {row["preset"] for row in metrics["sweep"]["rows"]} == {"bf16", "fp4"}  # the sweep kept to the preset asked
