@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +61,30 @@ def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     return float(structural_similarity_index_measure(_nchw(image), _nchw(reference), data_range=1.0))
+
+
+def lpips_backbone() -> Path:
+    """Where torchvision keeps the AlexNet weights LPIPS builds on (torchmetrics ships LPIPS' own layers)."""
+    from torchvision.models import AlexNet_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / AlexNet_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+
+
+def load_lpips():
+    """LPIPS (AlexNet) as a function of two images, or the reason it is not available: its backbone is read from
+    the local cache only (torchvision would download it, and nothing here waits on the network)."""
+    path = lpips_backbone()
+    if not path.is_file():
+        return None, f"not computed: LPIPS needs torchvision's AlexNet weights at {path}, not in the local cache"
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).eval()
+
+    def distance(image: torch.Tensor, reference: torch.Tensor) -> float:
+        with torch.inference_mode():
+            return float(metric(_nchw(image), _nchw(reference)))
+
+    return distance, "LPIPS (AlexNet, torchmetrics), lower is closer"
 
 
 # ---- CLIP ---------------------------------------------------------------------------------------------

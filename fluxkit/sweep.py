@@ -26,7 +26,7 @@ from .config import Preset, available_presets, load_placement, load_preset
 from .errors import FluxkitError, InputError
 from .images import load_png, save_png
 from .memory import GB, device_available
-from .metrics import ClipScorer, psnr, ssim, summarize
+from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
 from .references import reference_prompts
 
 REFERENCE = "bf16"
@@ -166,6 +166,7 @@ def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScore
         row["images"] = image_dir
         rows.append(row)
     reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)  # compiled first
+    lpips, lpips_note = load_lpips()
     for row in rows:
         if "skipped" in row or reference is None:
             continue
@@ -173,10 +174,12 @@ def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScore
                   load_png(Path(reference["images"]) / f"{c['name']}.png")) for c in prompts]
         row["fidelity"] = {"psnr_db": min(psnr(a, b) for a, b in pairs), "ssim": min(ssim(a, b) for a, b in pairs),
                            "clip_image_cosine": min(clip.image_cosine(a, b) for a, b in pairs)}
+        if lpips:  # the worst prompt, as for the others
+            row["fidelity"]["lpips"] = max(lpips(a, b) for a, b in pairs)
     for row in rows:
         row.pop("images", None)  # scored; the images of random weights are not kept
     return {"model": model, "device": device, "rows": rows, "reference": REFERENCE, "prompts": prompts,
-            "clip": clip.describe(), "lpips": "not computed: no LPIPS weights in the local cache",
+            "clip": clip.describe(), "lpips": lpips_note,
             "fidelity_note": FIDELITY_NOTE, "published": PUBLISHED}
 
 
@@ -197,7 +200,7 @@ def fits(result: dict, budget_gb: float) -> dict:
 def write_csv(result: dict, path: str | Path) -> Path:
     path = Path(path)
     columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s", "compile_s", "resident_gb",
-               "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "skipped"]
+               "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "lpips", "skipped"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()

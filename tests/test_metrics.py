@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxkit.metrics import load_clip, psnr, ssim, summarize
+from fluxkit.metrics import load_clip, load_lpips, psnr, ssim, summarize
 
 
 def test_percentiles_on_known_data():
@@ -90,3 +90,17 @@ def test_clip_is_seeded(clip):
 def test_unknown_clip_is_refused():
     with pytest.raises(ValueError, match="unknown to open_clip"):
         load_clip("ViT-B-32", "no-such-tag")
+
+
+def test_lpips_reads_its_backbone_from_the_local_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    distance, note = load_lpips()
+    assert distance is None and str(tmp_path / "checkpoints") in note and "not in the local cache" in note
+
+
+def test_lpips_when_its_backbone_is_cached():
+    distance, note = load_lpips()
+    if distance is None:
+        pytest.skip(note)
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0))
+    assert distance(image, image) < 1e-6 < distance(image, 1 - image)

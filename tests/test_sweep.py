@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fluxkit.errors import InputError
-from fluxkit.metrics import load_clip
+from fluxkit.metrics import load_clip, load_lpips
 from fluxkit.sweep import Variant, fits, load_prompts, sweep, variants, write_csv
 from helpers import run_cli
 
@@ -48,6 +48,8 @@ def test_every_variant_is_measured_and_scored_against_bf16(result):
     assert rows["torchao-int8wo@resident"]["weights"]["transformer"] < rows["bf16@resident"]["weights"]["transformer"]
     assert rows["nf4+t5-bf16@resident"]["weights"]["text_encoder_2"] > rows["nf4@resident"]["weights"]["text_encoder_2"]
     assert "not image quality" in result["fidelity_note"] and result["published"]
+    lpips, note = load_lpips()  # computed where its backbone is cached, else the reason is in the result
+    assert result["lpips"] == note and all(("lpips" in r["fidelity"]) == (lpips is not None) for r in rows.values())
 
 
 def test_the_fits_table_and_the_csv(result, tmp_path):
