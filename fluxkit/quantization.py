@@ -2,9 +2,10 @@
 
 bitsandbytes presets quantize while loading (loading.py); these backends load a component in the model
 dtype and convert it in place, one Linear at a time on the target device, so the bf16 component never sits
-whole on the GPU. Which Linears are converted follows the same rule as bitsandbytes (every nn.Linear outside
-the model's `_keep_in_fp32_modules`), so `plan.py` counts all backends alike. A backend this device cannot
-run (float8 below compute capability 8.9, int4 without its kernel package) fails here with torchao's own reason.
+whole on the GPU. torchao converts the Linears bitsandbytes would (every nn.Linear outside the model's
+`_keep_in_fp32_modules`); layerwise casting stores the layers diffusers' own rule selects. `plan.py` counts
+both with the functions here. A quantization this device cannot run (float8 matmuls below compute capability
+8.9, int4 without its kernel package) is refused by `unsupported` before anything is loaded.
 """
 from __future__ import annotations
 
