@@ -27,6 +27,19 @@ def rest_of_vortex():
     torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+# First in the file: a vortex failure below would still hold its memory (its traceback keeps the model).
+def test_resident_placement_is_refused_beside_the_rest_of_vortex(full_dir, rest_of_vortex):
+    budgets, ballast = rest_of_vortex
+    with pytest.raises(VortexInitializationError) as info:
+        load_flux_schnell(device="cuda", model=full_dir, placement="resident",
+                          vram_limit_gb=budgets.vortex_total_gb)
+    err = info.value
+    print(f"\nresident refused: required {err.required_vram_gb} GB, available {err.available_vram_gb} GB")
+    assert err.required_vram_gb > err.available_vram_gb
+    assert err.available_vram_gb == pytest.approx(budgets.flux_share_gb, abs=0.05)
+    assert torch.cuda.memory_allocated() == ballast  # refused before anything was loaded
+
+
 def _largest_rises(calls: list) -> str:
     """Per phase, the largest rise above the phase's start over the calls so far, in GB: the working memory a
     placement needs, measured under the cap."""
@@ -66,15 +79,3 @@ def test_vortex_placement_runs_beside_the_rest_of_vortex(full_dir, rest_of_vorte
           f"P99 {s['p99']:.3f} s, streamed modulation layers {len(model.modulation.parked)}")
     assert abs(drift) < budgets.drift_mb * 1e6
     assert peak_reserved <= budgets.vortex_total_gb * GB
-
-
-def test_resident_placement_is_refused_beside_the_rest_of_vortex(full_dir, rest_of_vortex):
-    budgets, ballast = rest_of_vortex
-    with pytest.raises(VortexInitializationError) as info:
-        load_flux_schnell(device="cuda", model=full_dir, placement="resident",
-                          vram_limit_gb=budgets.vortex_total_gb)
-    err = info.value
-    print(f"\nresident refused: required {err.required_vram_gb} GB, available {err.available_vram_gb} GB")
-    assert err.required_vram_gb > err.available_vram_gb
-    assert err.available_vram_gb == pytest.approx(budgets.flux_share_gb, abs=0.05)
-    assert torch.cuda.memory_allocated() == ballast  # refused before anything was loaded
