@@ -37,7 +37,7 @@ from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
 from .placement import ModulationTables, quantize_to_host, stream_text_encoder
 from .plan import Plan, plan_placement
-from .quantization import POST_LOAD_BACKENDS, convert_after_load, unsupported
+from .quantization import POST_LOAD_BACKENDS, convert_after_load, converted, keep_in_fp32, unsupported
 
 log = logging.getLogger("fluxkit")
 
@@ -122,7 +122,8 @@ def stream_quantized_transformer(folder: Path, spec: QuantizationSpec, dtype: to
     prequantized = "quantization_config" in config
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if k != "quantization_config"})
-    names = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    skip = keep_in_fp32(model)
+    names = {n for n, m in model.named_modules() if converted(n, m, skip)}
     stats = 6 if spec.double_quant else 4  # packed weight, absmax, quant_map, [nested absmax and map,] state blob
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for name in names - set(streamed):
@@ -264,9 +265,8 @@ def _load_transformer(folder: Path, preset: Preset, placement: PlacementSpec, pl
         for n in streamed:  # keep the parked layers' weights off the device
             owner, attr = n.rsplit(".", 1)
             setattr(transformer.get_submodule(owner), attr, torch.nn.Identity())
-        if "transformer" in spec.components:
-            transformer = convert_after_load(transformer, spec, device, dtype)
-        transformer.to(device)
+        transformer = (convert_after_load(transformer, spec, device, dtype) if "transformer" in spec.components
+                       else transformer.to(device))
     elif device.type == "cuda" and not streamed:
         prequantized = "quantization_config" in FluxTransformer2DModel.load_config(folder / "transformer")
         transformer = FluxTransformer2DModel.from_pretrained(  # a saved quantization_config is read from the folder

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 GIB = 2**30
 GB = 10**9
@@ -33,8 +34,6 @@ def _quant_state_bytes(state) -> int:
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a parameter really occupies: packed 4-bit data plus its QuantState, int8 data plus scales, or the
     inner tensors of a tensor subclass (torchao keeps quantized data and scales inside a bf16-typed wrapper)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, name)) for name in names)
@@ -49,8 +48,6 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def module_weight_bytes(module: torch.nn.Module) -> int:
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     seen: set[int] = set()
     total = 0
     for t in list(module.parameters()) + list(module.buffers()):
