@@ -3,16 +3,17 @@
 # stays warm), then runs the named steps. Logs and results land in $OUT/results.tgz (the device tool brings it back).
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host").
 # Usage: bash scripts/gpu-run.sh STEP...   (scripts/gpu-lanes.sh runs several of these side by side, one per GPU)
-# Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
+# Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
+#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
 #   references     render reference_images/ for the full checkpoint (nf4, resident)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload)
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
-#   restart        two fresh processes, each to its first image: the second finds the compile cache warm
-#   sweep-P        fluxkit sweep under placement P (every preset, T5 quantized or not; fidelity to bf16)
-#   prequantized   fluxkit quantize --placement vortex, then a fresh process to its first image from each folder
+#   restart        fresh processes to their first image (vortex): empty compile cache, then warm; then warm from a
+#                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing
+#   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 JUPYTER_PATH="$site/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
@@ -47,21 +48,15 @@ for step in "$@"; do
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
         --placement "${step#expandable-}" --calls 3 ;;
     sweep-*) fluxkit sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
-               --out "$LOGS/sweep_${step#sweep-}" ;;
-    prequantized)
-      [ -d /dev/shm/flux-nf4-vortex ] || fluxkit quantize --model "$CKPT" --device cuda --placement vortex \
-        --out /dev/shm/flux-nf4-vortex
-      for folder in "$CKPT" /dev/shm/flux-nf4-vortex; do
-        t0=$EPOCHREALTIME
-        fluxkit generate --prompt "cold start" --model "$folder" --device cuda --placement vortex --out /tmp/cold.png
-        echo "$folder: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
-      done ;;
-    restart)  # an empty compile cache for the first process, the one it filled for the second
+               ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} --out "$LOGS/sweep_${step#sweep-}" ;;
+    restart)
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-      for run in cold warm; do
-        t0=$EPOCHREALTIME
-        fluxkit generate --prompt "restart $run" --model "$CKPT" --device cuda --placement vortex --out "/tmp/$run.png"
-        echo "$run cache: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
+      prequantized=/dev/shm/flux-nf4-vortex
+      [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement vortex --out $prequantized
+      for run in "cold $CKPT" "warm $CKPT" "warm $prequantized"; do
+        set -- $run; t0=$EPOCHREALTIME
+        fluxkit generate --prompt "restart $1" --model "$2" --device cuda --placement vortex --out "/tmp/$1.png"
+        echo "$1 compile cache, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;

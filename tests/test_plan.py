@@ -116,10 +116,10 @@ def test_streamed_modulation_is_counted_in_host_memory(tiny_dir):
 
 def test_fill_keeps_modulation_resident_up_to_the_share():
     meta, preset, vortex = meta_model("full"), load_preset("nf4"), load_placement("vortex")
-    plans = {share: plan_placement(meta, preset, vortex, budget_bytes=int(share * 1e9)) for share in (5.5, 6.0, 6.5, 8)}
-    streamed = [len(plans[s].streamed_modulation) for s in (5.5, 6.0, 6.5, 8)]
+    plans = {share: plan_placement(meta, preset, vortex, budget_bytes=int(share * 1e9)) for share in (5.0, 6.0, 6.5, 8)}
+    streamed = [len(plans[s].streamed_modulation) for s in (5.0, 6.0, 6.5, 8)]
     assert streamed == sorted(streamed, reverse=True) and streamed[-1] == 0 and streamed[0] > 0
-    assert plans[6.0].fits and not plans[5.5].fits
+    assert plans[6.0].fits and not plans[5.0].fits
     for share, plan in plans.items():
         if plan.fits:
             assert plan.peak_bytes <= share * 1e9 - vortex.fill_headroom_gb * 1e9
