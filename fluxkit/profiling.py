@@ -1,8 +1,9 @@
-"""VRAM profiles: one loaded model in depth, and every placement side by side, each in a fresh process.
+"""VRAM profiles: one loaded model in depth, every placement side by side, and Flux beside the rest of Vortex.
 
 Vortex reads `torch.cuda.memory_allocated()` right after loading Flux in a fresh process, so the
 side-by-side comparison loads each placement in its own subprocess (`python -m fluxkit.profiling`)
-and reports it the same way, next to the planner's prediction for it.
+and reports it the same way, next to the planner's prediction for it. The co-tenancy check runs the
+same way: its memory cap and ballast belong to the process.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from .bench import DEFAULT_PROMPT, call_prompt
 from .config import available_placements, available_presets, load_placement, load_preset
-from .errors import InputError
+from .errors import GenerationError, InputError, VortexInitializationError
 from .memory import CPU_NOTE, GB, both_units, device_available, device_used
 from .metrics import summarize
 from .plan import plan_placement
@@ -112,20 +113,110 @@ def measure_placement(model: str, device: str, quantization: str, placement: str
     return result
 
 
+def _in_fresh_process(args: list[str], placement: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "fluxkit.profiling", *args, "--placement", placement],
+                         capture_output=True, text=True, env=os.environ.copy())
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines()
+        return {"placement": placement, "error": lines[-1] if lines else f"exit {run.returncode}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def compare_placements(model: str, device: str, quantization: str, placements: list[str] | None = None,
                        calls: int = 5, seed: int = 0) -> list[dict]:
     """`measure_placement` for each placement, each in a fresh Python process (as Vortex measures)."""
-    rows = []
-    for placement in placements or available_placements():
-        run = subprocess.run([sys.executable, "-m", "fluxkit.profiling", "--model", str(model), "--device", device,
-                              "--quantization", quantization, "--placement", placement, "--calls", str(calls),
-                              "--seed", str(seed)], capture_output=True, text=True, env=os.environ.copy())
-        if run.returncode != 0:
-            lines = run.stderr.strip().splitlines()
-            rows.append({"placement": placement, "error": lines[-1] if lines else f"exit {run.returncode}"})
-            continue
-        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
-    return rows
+    args = ["--model", str(model), "--device", device, "--quantization", quantization, "--calls", str(calls),
+            "--seed", str(seed)]
+    return [_in_fresh_process(args, placement) for placement in placements or available_placements()]
+
+
+def largest_rises(calls: list) -> dict[str, int]:
+    """Per phase, the largest rise above the phase's start over `calls` (CallRecords): the working memory a
+    placement needs."""
+    rises: dict[str, int] = {}
+    for call in calls:
+        for m in call.memory:
+            rises[m.phase] = max(rises.get(m.phase, 0), m.rise)
+    return rises
+
+
+def beside_vortex(model: str, device: str, quantization: str, placement: str, calls: int = 100,
+                  prompt: str = DEFAULT_PROMPT, seed: int = 0) -> dict:
+    """Vortex's co-tenancy check in this process (meant to be a fresh one): the process capped at
+    `budgets.vortex_total_gb`, a ballast tensor holding the rest of Vortex's share, then Flux loaded with
+    `placement` and `calls` generates into a pre-allocated buffer. The outcome is "refused" (at load, with the
+    pre-flight's or the out-of-memory's figures), "failed" (a call's GenerationError, e.g. out of memory) or
+    "ran", with the figures of what ran."""
+    from .loading import load_flux_schnell, resolve_device
+
+    dev = resolve_device(device)
+    preset, placement = load_preset(quantization), load_placement(placement).name  # bad names fail before any work
+    row = {"placement": placement, "quantization": quantization}
+    if not device_available(dev):
+        return {**row, "applicable": False, "reason": "needs a CUDA device: the cap and the ballast are device memory"}
+    budgets, size = preset.budgets, preset.generation
+    torch.cuda.set_per_process_memory_fraction(
+        budgets.vortex_total_gb * GB / torch.cuda.get_device_properties(dev).total_memory, dev)
+    ballast = torch.empty(int(budgets.rest_of_vortex_gb * GB), dtype=torch.uint8, device=dev)  # held until return
+    before = torch.cuda.memory_allocated(dev)  # the allocator rounds the ballast up to 2 MiB
+    row.update(applicable=True, device_name=torch.cuda.get_device_name(dev), cap_gb=budgets.vortex_total_gb,
+               ballast_bytes=ballast.numel())
+    try:
+        m = load_flux_schnell(device=dev, quantization=preset, model=model, placement=placement,
+                              vram_limit_gb=budgets.vortex_total_gb)
+    except VortexInitializationError as err:
+        return {**row, "outcome": "refused", "required_gb": err.required_vram_gb, "available_gb": err.available_vram_gb,
+                "left_allocated_bytes": torch.cuda.memory_allocated(dev) - before, "message": err.message}
+    row.update(resident_bytes=torch.cuda.memory_allocated(dev) - before, planned_resident_bytes=m.plan.resident_bytes)
+    buffer = torch.empty((size.height, size.width, 3), dtype=torch.float32)
+    records, times = [], []
+    try:
+        m.generate(call_prompt(prompt, -1), seed=seed, output=buffer)  # warm-up
+        records.append(m.last_call)
+        torch.cuda.synchronize(dev)
+        start = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        for i in range(calls):  # a repeated prompt every other call: embedding cache hits and misses
+            t0 = time.perf_counter()
+            m.generate(prompt if i % 2 else call_prompt(prompt, i), seed=seed + i, output=buffer)
+            times.append(time.perf_counter() - t0)
+            records.append(m.last_call)
+    except GenerationError as err:
+        return {**row, "outcome": "failed", "call": len(times), "phase": err.phase, "message": str(err),
+                "largest_rise_bytes": largest_rises(records)}
+    torch.cuda.synchronize(dev)
+    return {**row, "outcome": "ran", "calls": calls, "drift_bytes": torch.cuda.memory_allocated(dev) - start,
+            "process_peak_reserved_bytes": torch.cuda.max_memory_reserved(dev),
+            "largest_rise_bytes": largest_rises(records), "latency": summarize(times)}
+
+
+def cotenancy(model: str, device: str, quantization: str, placements: list[str], calls: int = 100,
+              seed: int = 0) -> list[dict]:
+    """`beside_vortex` for each placement, each in a fresh Python process."""
+    args = ["--beside-vortex", "--model", str(model), "--device", device, "--quantization", quantization,
+            "--calls", str(calls), "--seed", str(seed)]
+    return [_in_fresh_process(args, placement) for placement in placements]
+
+
+def cotenancy_table(rows: list[dict]) -> list[dict]:
+    """The co-tenancy view (GB = 10**9 bytes): what happened to each placement beside the rest of Vortex."""
+    table = []
+    for r in rows:
+        if "error" in r or not r.get("applicable"):
+            table.append({"placement": r["placement"], "outcome": r.get("error") or r["reason"]})
+        elif r["outcome"] == "refused":
+            table.append({"placement": r["placement"], "outcome": "refused at load",
+                          "required_gb": r["required_gb"], "available_gb": r["available_gb"]})
+        elif r["outcome"] == "failed":
+            table.append({"placement": r["placement"], "outcome": f"failed at call {r['call']} in {r['phase']}",
+                          "resident_gb": round(r["resident_bytes"] / GB, 3)})
+        else:
+            table.append({"placement": r["placement"], "outcome": f"ran {r['calls']} calls",
+                          "resident_gb": round(r["resident_bytes"] / GB, 3),
+                          "process_peak_reserved_gb": round(r["process_peak_reserved_bytes"] / GB, 3),
+                          "cap_gb": r["cap_gb"], "drift_mb": round(r["drift_bytes"] / 1e6, 2),
+                          "p50_s": round(r["latency"]["p50"], 4), "p99_s": round(r["latency"]["p99"], 4)})
+    return table
 
 
 def placement_table(rows: list[dict]) -> list[dict]:
@@ -154,14 +245,15 @@ def _main() -> None:
     parser.add_argument("--placement", required=True)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beside-vortex", action="store_true", help="the co-tenancy check (beside_vortex)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each load stage's device memory")
     args = parser.parse_args()
     if args.verbose:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(json.dumps(measure_placement(args.model, args.device, args.quantization, args.placement, args.calls,
-                                       seed=args.seed)))
+    measure = beside_vortex if args.beside_vortex else measure_placement
+    print(json.dumps(measure(args.model, args.device, args.quantization, args.placement, args.calls, seed=args.seed)))
 
 
 if __name__ == "__main__":

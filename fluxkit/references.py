@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import CONFIG_DIR
+from .config import CONFIG_DIR, PlacementSpec, Preset
 from .environment import package_versions
 from .errors import InputError
 from .generation import FluxModel
+from .hub import ModelSource
 from .images import load_png, quantize_like_png, save_png
 from .metrics import ClipScorer, psnr, ssim
 from .version import __version__
@@ -46,16 +47,20 @@ def reference_prompts() -> list[dict]:
 
 def model_key(model: FluxModel) -> dict:
     """What a reference must share with the model under test to be comparable: weights and pixel-changing settings."""
-    src = model.source
-    if src.synthetic:
-        weights = {"synthetic": {"preset": src.synthetic["preset"], "seed": src.synthetic["seed"]}}
+    return reference_key(model.source, model.preset, model.placement, model.dtype)
+
+
+def reference_key(source: ModelSource, preset: Preset, placement: PlacementSpec, dtype: torch.dtype) -> dict:
+    """`model_key` from what is known before loading (validate checks its references before any GPU work)."""
+    if source.synthetic:
+        weights = {"synthetic": {"preset": source.synthetic["preset"], "seed": source.synthetic["seed"]}}
     else:
-        weights = {"id": src.model_id, "revision": src.revision}
-    q = model.preset.quantization
-    quantized = sorted(c for c in q.components
-                       if not (c == "text_encoder_2" and model.placement.text_encoder_2 == "stream"))
-    return {**weights, "quantization": model.preset.name, "backend": q.backend, "quant_type": q.quant_type,
-            "double_quant": q.double_quant, "quantized_components": quantized, "dtype": model.info()["dtype"]}
+        weights = {"id": source.model_id, "revision": source.revision}
+    q = preset.quantization
+    quantized = sorted(c for c in q.components if not (c == "text_encoder_2" and placement.text_encoder_2 == "stream"))
+    return {**weights, "quantization": preset.name, "backend": q.backend, "quant_type": q.quant_type,
+            "double_quant": q.double_quant, "quantized_components": quantized,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _slug(key: dict) -> str:
@@ -110,13 +115,16 @@ def build_references(model: FluxModel, ref_dir: Path | None = None, overwrite: b
 
 def matching_cases(model: FluxModel, ref_dir: Path | None = None) -> list[dict]:
     """The manifest's cases made with this model's weights and settings; refuses when there are none."""
+    return cases_for(model_key(model), model.source.model_id, model.placement.name, ref_dir)
+
+
+def cases_for(key: dict, model_id: str, placement: str, ref_dir: Path | None = None) -> list[dict]:
     ref_dir = Path(ref_dir or reference_dir())
-    key = model_key(model)
     cases = [c for c in read_manifest(ref_dir)["cases"] if c["model"] == key]
     if not cases:
         raise InputError(f"no reference images in {ref_dir} match the model under test ({_slug(key)}); render them "
-                         f"with `fluxkit references --model {model.source.model_id} --quantization {model.preset.name} "
-                         f"--placement {model.placement.name}` and commit them")
+                         f"with `fluxkit references --model {model_id} --quantization {key['quantization']} "
+                         f"--placement {placement}` and commit them")
     return cases
 
 

@@ -93,11 +93,8 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
                             (peak <= b.flux_peak_gb * GB) if judged else None,
                             f"peak allocated {_gb(peak_alloc)} GB, peak reserved {_gb(peak_reserved)} GB "
                             f"({peak / GIB:.4f} GiB at most)" if judged else why_not))
-        total = peak_reserved + b.rest_of_vortex_gb * GB if on_gpu else None
-        out.append(_verdict("vortex_total", total and _gb(total), b.vortex_total_gb, "GB",
-                            (total <= b.vortex_total_gb * GB) if judged else None,
-                            f"Flux peak reserved {_gb(peak_reserved)} GB + rest of Vortex {b.rest_of_vortex_gb} GB"
-                            if judged else why_not))
+        out.append(_vortex_total(vram, metrics["placement"]["name"], b, peak_reserved if on_gpu else None,
+                                 why_not if not judged else None))
         rise = vram["rise_during_generate"]["bytes"] / 1e6 if on_gpu else None
         out.append(_verdict("generate_rise", rise and round(rise, 1), b.generate_rise_mb, "MB",
                             (rise < b.generate_rise_mb) if judged else None, "" if judged else why_not))
@@ -114,6 +111,32 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
         out.append(_verdict("clip_image_cosine_min", round(min(cosines), 4), b.clip_cosine_min, "cosine",
                             not failed, note))
     return out
+
+
+def _vortex_total(vram: dict, placement: str, b, peak_reserved: int | None, why_not: str | None) -> dict:
+    """Judged on the co-tenancy run when there is one (the process capped at the total, the rest of Vortex held
+    by a ballast: what Vortex lives with); otherwise on the uncapped peak reserved plus the rest of Vortex, which
+    is stricter, since an uncapped allocator keeps blocks cached that a capped one frees and reuses."""
+    if why_not is not None:
+        return _verdict("vortex_total", None, b.vortex_total_gb, "GB", None, why_not)
+    beside = next((r for r in vram.get("beside_vortex") or [] if r["placement"] == placement and r.get("applicable")),
+                  None)
+    if beside is None:
+        total = peak_reserved + b.rest_of_vortex_gb * GB
+        return _verdict("vortex_total", _gb(total), b.vortex_total_gb, "GB", total <= b.vortex_total_gb * GB,
+                        f"uncapped: Flux peak reserved {_gb(peak_reserved)} GB + rest of Vortex {b.rest_of_vortex_gb} "
+                        "GB (no co-tenancy run)")
+    where = f"beside a {_gb(beside['ballast_bytes'])} GB ballast, process capped at {beside['cap_gb']} GB"
+    if beside["outcome"] == "refused":
+        return _verdict("vortex_total", None, b.vortex_total_gb, "GB", False,
+                        f"refused at load {where}: required {beside['required_gb']} GB, available "
+                        f"{beside['available_gb']} GB")
+    if beside["outcome"] == "failed":
+        return _verdict("vortex_total", None, b.vortex_total_gb, "GB", False,
+                        f"call {beside['call']} failed in {beside['phase']} {where}")
+    total = beside["process_peak_reserved_bytes"]
+    return _verdict("vortex_total", _gb(total), b.vortex_total_gb, "GB", total <= b.vortex_total_gb * GB,
+                    f"process peak reserved over {beside['calls']} calls {where} (ballast included)")
 
 
 def figures(metrics: dict) -> list[tuple[str, str]]:
@@ -175,7 +198,7 @@ def validate_metrics(metrics: dict) -> None:
 def conclusion(section: str, data: dict, model) -> str:
     """The verdicts one notebook can give on its own, as text for its last cell."""
     info = model.info()
-    metrics = {"model": info["model"], "device_name": info["device_name"], section: data}
+    metrics = {"model": info["model"], "device_name": info["device_name"], "placement": info["placement"], section: data}
     lines = [weights_statement(info)]
     for v in evaluate_budgets(metrics, model.preset):
         lines.append(f"{v['name']}: {v['value']} {v['unit']} (limit {v['limit']}) -> {v['status']}"

@@ -19,11 +19,13 @@ import tempfile
 from pathlib import Path
 
 from .checks import check_number
-from .config import load_placement, load_preset, preset_to_dict
+from .config import Preset, load_placement, load_preset, preset_to_dict
 from .environment import environment
 from .errors import InputError
 from .hub import resolve_model
+from .loading import compute_dtype, resolve_device
 from .placement import describe
+from .references import cases_for, reference_key
 from .report import (
     SCHEMA_VERSION,
     evaluate_budgets,
@@ -77,6 +79,13 @@ def default_name(model: str, device: str, quantization: str, placement: str) -> 
     return check_report_name(f"{datetime.date.today().isoformat()}-{dev}-{weights}-{quantization}-{placement}")
 
 
+def check_references(model: str, device: str, preset: Preset, placement: str) -> None:
+    """Refuse now, not after the GPU work of three notebooks, when the quality notebook has nothing to compare."""
+    source = resolve_model(model)
+    dtype = compute_dtype(preset, resolve_device(device))
+    cases_for(reference_key(source, preset, load_placement(placement), dtype), source.model_id, placement)
+
+
 def html_of(notebook: Path) -> Path:
     from nbconvert import HTMLExporter
 
@@ -111,6 +120,7 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
     check_number("drift_calls", drift_calls, 2, 100_000, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     sweep_presets = [load_preset(p).name for p in sweep_presets] if sweep_presets else None
+    check_references(model, device, preset, placement)
     out_root = Path(out_root)
     name = check_report_name(name) if name is not None else default_name(model, device, quantization, placement)
     out_dir = out_root / name

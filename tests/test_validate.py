@@ -5,11 +5,17 @@ import shutil
 import pytest
 from PIL import Image
 
+from fluxkit import load_flux_schnell
 from fluxkit import validate as validate_module
-from fluxkit.references import REFERENCE_DIR
+from fluxkit.errors import InputError
+from fluxkit.references import REFERENCE_DIR, build_references
 from fluxkit.report import validate_metrics
 from fluxkit.synthetic import write_synthetic
 from helpers import FAST_VALIDATE
+
+
+def _flip(png):
+    Image.open(png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(png)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,7 @@ def test_schema_rejects_a_broken_metrics_file(report):
 def test_altered_reference_fails_and_names_the_case(tmp_path, monkeypatch, cache_dir):
     refs = tmp_path / "refs"
     shutil.copytree(REFERENCE_DIR, refs)
-    image = Image.open(refs / "synthetic-tiny-s0_nf4_lighthouse.png")
-    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(refs / "synthetic-tiny-s0_nf4_lighthouse.png")
+    _flip(refs / "synthetic-tiny-s0_nf4_lighthouse.png")
     monkeypatch.setenv("FLUXKIT_REFERENCE_DIR", str(refs))
     out_dir, code = validate_module.validate(name="altered", out_root=tmp_path, **FAST_VALIDATE)
     assert code != 0
@@ -79,17 +84,28 @@ def test_report_names_stay_inside_the_reports_folder(tmp_path, name):
     assert not (tmp_path / "x").exists() and not list(tmp_path.rglob("*.ipynb"))
 
 
-def test_a_rerun_that_fails_replaces_the_report_as_a_whole(report, tmp_path, cache_dir):
-    """Same name, another model without references: the new report names the new model and fails."""
+def test_a_rerun_that_fails_replaces_the_report_as_a_whole(report, tmp_path, monkeypatch, cache_dir):
+    """Same name, another model whose reference image was altered: the new report names the new model and fails."""
     out_root = tmp_path / "reports"
     shutil.copytree(report[0], out_root / "same")
     other = write_synthetic(tmp_path / "other-weights", "tiny", seed=1)
+    refs = tmp_path / "refs"
+    build_references(load_flux_schnell(device="cpu", model=other), refs)
+    _flip(refs / "synthetic-tiny-s1_nf4_lighthouse.png")
+    monkeypatch.setenv("FLUXKIT_REFERENCE_DIR", str(refs))
     out_dir, code = validate_module.validate(**{**FAST_VALIDATE, "model": str(other)}, name="same", out_root=out_root)
     assert code != 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["model"]["synthetic"]["seed"] == 1 and metrics["verdict"] == "fail"
     assert "seed 1" in (out_dir / "summary.md").read_text() and "Overall: **fail**" in (out_dir / "summary.md").read_text()
     assert json.loads((out_dir / "model.json").read_text())["model"]["synthetic"]["seed"] == 1
+
+
+def test_a_model_without_references_is_refused_before_any_notebook_runs(tmp_path, cache_dir):
+    """The vortex placement streams T5 unquantized, so its images differ from the resident references."""
+    with pytest.raises(InputError, match="no reference images .*fluxkit references .*--placement vortex"):
+        validate_module.validate(**FAST_VALIDATE, name="vortex", out_root=tmp_path, placement="vortex")
+    assert not list(tmp_path.iterdir())  # no report, not even a hidden work folder
 
 
 def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_path, monkeypatch):
@@ -114,16 +130,19 @@ def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_pa
     assert sorted(p.name for p in out_root.iterdir()) == ["same"]  # no half-written folder beside it
 
 
-def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, cache_dir):
-    # fp4 on the tiny checkpoint has no reference images: the quality notebook refuses
-    out_dir, code = validate_module.validate(**{**FAST_VALIDATE, "sweep_presets": ["fp4"]}, name="fp4",
-                                             out_root=tmp_path, quantization="fp4")
+def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, monkeypatch, cache_dir):
+    refs = tmp_path / "refs"  # the manifest lists an image that is gone: the quality notebook fails on it
+    shutil.copytree(REFERENCE_DIR, refs)
+    (refs / "synthetic-tiny-s0_nf4_lighthouse.png").unlink()
+    monkeypatch.setenv("FLUXKIT_REFERENCE_DIR", str(refs))
+    out_dir, code = validate_module.validate(**{**FAST_VALIDATE, "sweep_presets": ["fp4"]}, name="missing",
+                                             out_root=tmp_path / "reports")
     assert code != 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert {row["preset"] for row in metrics["sweep"]["rows"]} == {"bf16", "fp4"}  # the sweep kept to the preset asked
     assert metrics["notebooks"] == {"01_vram_profile": "ok", "02_latency": "ok", "03_quality_regression": "failed",
                                     "04_quantization_tradeoffs": "ok"}
     executed = (out_dir / "03_quality_regression.ipynb").read_text()
-    assert "no reference images" in executed and "fluxkit references" in executed
+    assert "synthetic-tiny-s0_nf4_lighthouse.png" in executed
     assert (out_dir / "03_quality_regression.html").is_file()
     assert "Overall: **fail**" in (out_dir / "summary.md").read_text()
