@@ -188,9 +188,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'preset':>14} {'placement':>9} {'resident':>9} {'peak':>7} {'host RAM':>9} {'moved/call':>11} "
           f"{'fits share':>10} {'fits card':>9}")
     for p in plans:
+        card = "refused" if p.refused else "yes" if p.peak_bytes <= args.total_gb * 1e9 else "no"
         print(f"{p.preset:>14} {p.placement:>9} {p.resident_bytes / 1e9:>9.2f} {p.peak_bytes / 1e9:>7.2f} "
               f"{p.host_bytes / 1e9:>9.2f} {p.moved_per_call / 1e9:>11.2f} {'yes' if p.fits else 'no':>10} "
-              f"{'yes' if p.peak_bytes <= args.total_gb * 1e9 else 'no':>9}")
+              f"{card:>9}")
+    for p in plans:
+        if p.refused:
+            print(f"refused: {p.preset} under {p.placement}: {p.refused}")
     if best is None:
         print(f"nothing fits a {args.budget_gb} GB share")
         return 1

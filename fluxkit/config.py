@@ -26,7 +26,7 @@ QUANTIZABLE_COMPONENTS = ("transformer", "text_encoder_2")
 # dtype of diffusers' layerwise casting. bitsandbytes 8-bit has one kind.
 QUANT_TYPES = {"none": (), "bitsandbytes_4bit": ("nf4", "fp4"), "bitsandbytes_8bit": (),
                "torchao": ("int8_weight_only", "float8_weight_only", "float8_dynamic", "int4_weight_only"),
-               "layerwise_casting": ("float8_e4m3fn", "float8_e5m2")}
+               "layerwise_casting": ("float8_e4m3fn", "float8_e5m2"), "gguf": ("q8_0", "q4_0")}
 BACKENDS = tuple(QUANT_TYPES)
 DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODER_2_MODES = ("gpu", "stream")
@@ -63,6 +63,9 @@ class QuantizationSpec:
             raise ConfigError("quantization.components must be empty when quantization.backend is 'none'")
         if self.backend != "none" and not self.components:
             raise ConfigError(f"quantization.components is empty: name what {self.backend} should quantize")
+        if self.backend == "gguf" and self.components != ("transformer",):
+            raise ConfigError("quantization.components must be [transformer] for gguf: diffusers loads GGUF "
+                              "files for its own models only")
 
 
 @dataclass(frozen=True)

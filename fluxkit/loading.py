@@ -37,7 +37,7 @@ from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
 from .placement import ModulationTables, quantize_to_host, stream_text_encoder
 from .plan import Plan, plan_placement
-from .quantization import POST_LOAD_BACKENDS, convert_after_load, converted, keep_in_fp32, unsupported
+from .quantization import POST_LOAD_BACKENDS, convert_after_load, converted, gguf_file, keep_in_fp32, unsupported
 
 log = logging.getLogger("fluxkit")
 
@@ -259,7 +259,13 @@ def _load_transformer(folder: Path, preset: Preset, placement: PlacementSpec, pl
     streamed = plan.streamed_modulation
     pin = device.type == "cuda"
     parked = {}
-    if "transformer" not in spec.components or spec.backend in POST_LOAD_BACKENDS:
+    if spec.backend == "gguf":  # `unsupported` refuses streamed layers for gguf
+        from diffusers import GGUFQuantizationConfig
+
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(gguf_file(folder, spec.quant_type)), config=str(folder), subfolder="transformer", torch_dtype=dtype,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype)).to(device)
+    elif "transformer" not in spec.components or spec.backend in POST_LOAD_BACKENDS:
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=dtype)
         parked = {n: quantize_to_host(transformer.get_submodule(n), spec, device, dtype, pin) for n in streamed}
         for n in streamed:  # keep the parked layers' weights off the device
@@ -382,10 +388,11 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     preset, spec, vram_limit_gb = _check_arguments(quantization, placement, model, revision, vram_limit_gb,
                                                    preflight_check)
     dev = resolve_device(device)
-    reason = unsupported(preset.quantization, dev)
+    reason = unsupported(preset.quantization, dev, spec)
     if reason:
-        raise VortexInitializationError(f"preset {preset.name} cannot run on {dev}: {reason}.",
-                                        remediation="choose another preset (`fluxkit plan` lists them) or device")
+        raise VortexInitializationError(f"preset {preset.name} cannot run on {dev} under placement {spec.name}: "
+                                        f"{reason}.", remediation="choose another preset (`fluxkit plan` lists "
+                                        "them), placement or device")
     if revision is None and str(model) in (preset.model.id, "auto"):
         revision = preset.model.revision
     start = time.perf_counter()

@@ -30,7 +30,17 @@ from .config import (
 from .errors import InputError
 from .hub import cached_snapshot
 from .memory import GB
-from .quantization import INT4_GROUP, converted, keep_in_fp32, layerwise_cast_modules, layerwise_patterns
+from .quantization import (
+    GGUF_BLOCK,
+    GGUF_BLOCK_BYTES,
+    INT4_GROUP,
+    converted,
+    gguf_quantized,
+    keep_in_fp32,
+    layerwise_cast_modules,
+    layerwise_patterns,
+    unsupported_placement,
+)
 from .synthetic import PRESETS, meta_model
 
 CUDA_ALLOCATION_GRANULE = 512
@@ -49,6 +59,8 @@ def quantized_linear_tensors(numel: int, out_features: int, spec: QuantizationSp
     """Bytes of each tensor a quantization backend keeps for one quantized Linear weight."""
     if spec.backend == "bitsandbytes_8bit":
         return [numel, out_features * 4]  # int8 data, float32 row scales (SCB)
+    if spec.backend == "gguf":
+        return [numel // GGUF_BLOCK * GGUF_BLOCK_BYTES[spec.quant_type]]  # blocks of scale and values, one tensor
     if spec.backend == "torchao":
         if spec.quant_type == "int8_weight_only":
             return [numel, out_features * 4, out_features]  # int8 data, float32 row scales, int8 row zero points
@@ -70,7 +82,8 @@ def component_tensors(module: torch.nn.Module, spec: QuantizationSpec | None, dt
     out: dict[str, list[int]] = {}
     seen: set[int] = set()
     for name, mod in module.named_modules():
-        quantized = spec is not None and not cast and converted(name, mod, skip)
+        quantized = spec is not None and not cast and converted(name, mod, skip) and (
+            spec.backend != "gguf" or gguf_quantized(mod))
         for p_name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if id(t) in seen:
                 continue
@@ -114,6 +127,7 @@ class Plan:
     peak_component_bytes: int  # the most that is on the GPU at once before working memory
     budget_bytes: int
     notes: tuple[str, ...] = field(default=())
+    refused: str | None = None  # why the loader refuses this preset under this placement
 
     @property
     def resident_bytes(self) -> int:
@@ -133,14 +147,14 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.budget_bytes
+        return self.refused is None and self.peak_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "placement": self.placement, "resident_bytes": self.resident_bytes,
                 "peak_bytes": self.peak_bytes, "host_bytes": self.host_bytes, "moved_per_call": self.moved_per_call,
                 "working_bytes": self.working_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "streamed_modulation": list(self.streamed_modulation), "notes": list(self.notes),
-                "components": {k: vars(v) for k, v in self.components.items()}}
+                "refused": self.refused, "components": {k: vars(v) for k, v in self.components.items()}}
 
 
 def plan_placement(meta: dict[str, torch.nn.Module], preset: Preset, placement: PlacementSpec,
@@ -194,7 +208,8 @@ def plan_placement(meta: dict[str, torch.nn.Module], preset: Preset, placement: 
         peak = max(sum(_allocated(s) for s in owned.values()) for owned in tensors.values())
     else:
         peak = sum(c.gpu_bytes for c in components.values())
-    return Plan(preset.name, placement.name, spec, components, streamed, working, peak, budget, tuple(notes))
+    return Plan(preset.name, placement.name, spec, components, streamed, working, peak, budget, tuple(notes),
+                unsupported_placement(spec, placement))
 
 
 def recommend(plans: list[Plan]) -> Plan | None:

@@ -76,9 +76,13 @@ MODEL_INDEX = {
 PRESETS = tuple(TRANSFORMER)
 
 
+def cache_root() -> Path:
+    """FLUXKIT_CACHE, else ~/.cache/fluxkit: synthetic checkpoints and files derived from checkpoints."""
+    return Path(os.environ.get("FLUXKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fluxkit"))
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get("FLUXKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fluxkit")
-    return Path(root) / "synthetic"
+    return cache_root() / "synthetic"
 
 
 def read_marker(folder: str | Path) -> dict | None:

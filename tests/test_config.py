@@ -8,7 +8,8 @@ NF4 = (CONFIG_DIR / "flux_schnell_nf4.yaml").read_text()
 
 def test_every_preset_and_placement_validates():
     assert set(available_presets()) == {"bf16", "fp4", "int8", "nf4", "nf4-nodq", "torchao-int8wo", "torchao-fp8wo",
-                                        "torchao-fp8dq", "torchao-int4wo", "fp8-layerwise"}
+                                        "torchao-fp8dq", "torchao-int4wo", "fp8-layerwise", "gguf-q8_0",
+                                        "gguf-q4_0"}
     for name in available_presets():
         preset = load_preset(name)
         assert preset.name == name

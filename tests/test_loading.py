@@ -139,3 +139,25 @@ def test_other_presets_load_through_the_same_code(tiny_dir, preset):
     assert counts[expected] > 0
     image = model.generate("a red cube", seed=0)
     assert image.shape == (512, 512, 3) and torch.isfinite(image).all()
+
+
+def test_gguf_writes_its_file_once_and_loads_gguf_layers(tiny_dir, cache_dir):
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from fluxkit.quantization import gguf_file
+
+    model = load_flux_schnell(device="cpu", quantization="gguf-q8_0", model=tiny_dir)
+    path = gguf_file(tiny_dir, "q8_0")
+    assert path.is_file() and str(path).startswith(cache_dir)
+    stamp = path.stat().st_mtime_ns
+    layers = [m for m in model.pipe.transformer.modules() if isinstance(m, GGUFLinear)]
+    assert layers and all(m.weight.quant_type.name == "Q8_0" for m in layers)
+    first = model.generate("a red cube", seed=0)
+    again = load_flux_schnell(device="cpu", quantization="gguf-q8_0", model=tiny_dir)  # from the cached file
+    assert path.stat().st_mtime_ns == stamp and torch.equal(again.generate("a red cube", seed=0), first)
+    assert gguf_file(tiny_dir, "q4_0") != path  # one file per quantization type
+
+
+def test_gguf_under_the_vortex_placement_is_refused_with_the_reason(tiny_dir):
+    with pytest.raises(VortexInitializationError, match="placement vortex.*streams modulation layers"):
+        load_flux_schnell(device="cpu", quantization="gguf-q4_0", model=tiny_dir, placement="vortex")

@@ -68,7 +68,20 @@ def test_torchao_layer_bytes_by_hand():
         assert tensor_bytes(layer[0].weight) == sum(quantized_linear_tensors(192 * 128, 192, spec)) == expected, name
 
 
-@pytest.mark.parametrize("preset", ["torchao-int8wo", "torchao-fp8wo", "fp8-layerwise"])
+def test_gguf_layer_bytes_by_hand():
+    import gguf
+    import numpy as np
+
+    weight = np.random.default_rng(0).standard_normal((192, 128), dtype=np.float32)
+    by_hand = {"gguf-q8_0": 192 * 4 * (2 + 32),  # per block of 32 weights: a float16 scale, 32 int8 values
+               "gguf-q4_0": 192 * 4 * (2 + 16)}  # a float16 scale, 32 4-bit values
+    for name, expected in by_hand.items():
+        spec = load_preset(name).quantization
+        blocks = gguf.quants.quantize(weight, getattr(gguf.GGMLQuantizationType, spec.quant_type.upper()))
+        assert blocks.nbytes == sum(quantized_linear_tensors(weight.size, 192, spec)) == expected, name
+
+
+@pytest.mark.parametrize("preset", ["torchao-int8wo", "torchao-fp8wo", "fp8-layerwise", "gguf-q8_0", "gguf-q4_0"])
 def test_post_load_quantization_plans_equal_the_loaded_tiny_checkpoint(tiny_dir, preset):
     model = load_flux_schnell(device="cpu", quantization=preset, model=tiny_dir)
     measured = {name: module_weight_bytes(module) for name, module in model.components.items()}
@@ -149,3 +162,12 @@ def test_placements_differ_only_in_where_things_run(tiny_dir):
     weights = {p: {c: v.weight_bytes for c, v in plan_placement(meta, preset, load_placement(p), 4).components.items()}
                for p in ("resident", "vortex", "offload")}
     assert weights["resident"] == weights["vortex"] == weights["offload"]
+
+
+def test_a_combination_the_loader_refuses_never_fits_nor_is_recommended():
+    meta, vortex = meta_model("full"), load_placement("vortex")
+    plan = plan_placement(meta, load_preset("gguf-q4_0"), vortex)
+    assert plan.peak_bytes <= plan.budget_bytes  # small enough, and still not a fit: the loader refuses it
+    assert not plan.fits and "GGUF" in plan.refused and plan.to_dict()["refused"] == plan.refused
+    gguf_only = [plan_placement(meta, load_preset("gguf-q4_0"), load_placement(p)) for p in ("vortex", "resident")]
+    assert recommend(gguf_only) is None

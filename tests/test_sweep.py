@@ -26,7 +26,7 @@ def test_variants_start_with_the_reference_and_cover_the_t5_axis():
 
 @pytest.fixture(scope="module")
 def result(tiny_dir, clip, tmp_path_factory):
-    chosen = variants(["nf4", "int8", "torchao-int8wo", "fp8-layerwise", "torchao-fp8dq"])
+    chosen = variants(["nf4", "int8", "torchao-int8wo", "fp8-layerwise", "torchao-fp8dq", "gguf-q4_0"])
     return sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=load_prompts(count=1))
 
 
@@ -37,7 +37,8 @@ def test_every_variant_is_measured_and_scored_against_bf16(result):
     assert all("compute capability 8.9" in reason for reason in skipped.values())
     assert set(rows) == {"bf16@resident", "nf4@resident", "nf4+t5-bf16@resident", "int8@resident",
                          "int8+t5-bf16@resident", "torchao-int8wo@resident", "torchao-int8wo+t5-bf16@resident",
-                         "fp8-layerwise@resident", "fp8-layerwise+t5-bf16@resident"}
+                         "fp8-layerwise@resident", "fp8-layerwise+t5-bf16@resident",
+                         "gguf-q4_0+t5-bf16@resident"}  # GGUF leaves T5 in bf16
     assert rows["bf16@resident"]["fidelity"]["psnr_db"] == math.inf  # the reference against itself
     for name, row in rows.items():
         assert row["latency"]["n"] == 2 and row["load_s"] > 0
@@ -46,6 +47,7 @@ def test_every_variant_is_measured_and_scored_against_bf16(result):
     assert rows["nf4@resident"]["weights"]["transformer"] < rows["int8@resident"]["weights"]["transformer"] \
         < rows["bf16@resident"]["weights"]["transformer"]
     assert rows["torchao-int8wo@resident"]["weights"]["transformer"] < rows["bf16@resident"]["weights"]["transformer"]
+    assert rows["gguf-q4_0+t5-bf16@resident"]["weights"]["transformer"] < rows["bf16@resident"]["weights"]["transformer"]
     assert rows["nf4+t5-bf16@resident"]["weights"]["text_encoder_2"] > rows["nf4@resident"]["weights"]["text_encoder_2"]
     assert "not image quality" in result["fidelity_note"] and result["published"]
     lpips, note = load_lpips()  # computed where its backbone is cached, else the reason is in the result
