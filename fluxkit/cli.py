@@ -304,7 +304,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     check_clip_name(args.clip_model, args.clip_pretrained)
     prompts = load_prompts(args.prompts, None if args.prompts else 2)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = sweep(args.model, args.device, variants(args.variants, (args.placement or "resident",)),
+    result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement)),
                    load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts)
     result["fits"] = fits(result, args.budget_gb)
     (args.out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="every preset, T5 quantized or not, side by side: memory, latency, fidelity")
     p.add_argument("--model", default="auto")
     p.add_argument("--device", default="auto", type=_device)
-    p.add_argument("--placement", default=None, choices=available_placements())
+    p.add_argument("--placement", nargs="+", default=["resident"], choices=available_placements(),
+                   help="one or more placements (a third axis)")
     p.add_argument("--variants", nargs="+", choices=available_presets(), default=None, help="presets (default: all)")
     p.add_argument("--prompts", default=None, type=_input_file(".yaml"), help="a YAML file with `cases` of "
                                                                            "{name, prompt, seed}")

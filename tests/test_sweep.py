@@ -1,5 +1,6 @@
 """The quantization sweep on the tiny checkpoint (CPU): rows, fidelity to bf16, what fits, skipped variants."""
 import csv
+import json
 import math
 
 import pytest
@@ -83,9 +84,14 @@ def test_prompt_files(tmp_path):
         load_prompts(bad)
 
 
-def test_sweep_cli(tiny_dir, tmp_path):
-    run = run_cli("sweep", "--model", str(tiny_dir), "--device", "cpu", "--variants", "nf4", "--iterations", "1",
-                  "--clip-model", "ViT-B-32", "--out", str(tmp_path / "out"))
+def test_sweep_cli_with_placements_as_a_third_axis(tiny_dir, tmp_path):
+    run = run_cli("sweep", "--model", str(tiny_dir), "--device", "cpu", "--variants", "nf4", "gguf-q4_0",
+                  "--placement", "resident", "vortex", "--iterations", "1", "--clip-model", "ViT-B-32",
+                  "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "sweep.json").is_file() and (tmp_path / "out" / "sweep.csv").is_file()
-    assert "nf4@resident" in run.stdout and "fastest within 6.0 GB" in run.stdout
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"]}
+    assert {"nf4@resident", "nf4@vortex", "gguf-q4_0+t5-bf16@resident"} <= {n for n, r in rows.items()
+                                                                           if "skipped" not in r}
+    assert "streams modulation layers" in rows["gguf-q4_0+t5-bf16@vortex"]["skipped"]  # kept, with the reason
+    assert "nf4@vortex" in run.stdout and "fastest within 6.0 GB" in run.stdout
