@@ -76,11 +76,20 @@ def variants(presets: list[str] | None = None, placements: tuple[str, ...] = ("r
 def measure_variant(model: str, device: str, variant: Variant, prompts: list[dict], iterations: int,
                     image_dir: Path) -> dict:
     """Load one variant, render the prompts into `image_dir`, time `iterations` calls (after one warm-up)."""
+    from .hub import resolve_model
     from .loading import load_flux_schnell
+    from .quantization import gguf_file, unsupported_placement
 
+    preset = variant.resolved_preset()
+    gguf_write_s = None
+    if preset.quantization.backend == "gguf" and not unsupported_placement(preset.quantization,
+                                                                          load_placement(variant.placement)):
+        # the file is written once per checkpoint and type; the load below reads it, pre-quantized
+        start = time.perf_counter()
+        gguf_file(Path(resolve_model(model).path), preset.quantization.quant_type)
+        gguf_write_s = time.perf_counter() - start
     start = time.perf_counter()
-    m = load_flux_schnell(device=device, quantization=variant.resolved_preset(), model=model,
-                          placement=variant.placement)
+    m = load_flux_schnell(device=device, quantization=preset, model=model, placement=variant.placement)
     load_s = time.perf_counter() - start
     on_gpu = device_available(m.device)
     resident = torch.cuda.memory_allocated(m.device) if on_gpu else None
@@ -98,6 +107,7 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
     return {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
             "placement": variant.placement, "compiled": m.compile_seconds is not None, "device_name": m.info()["device_name"],
             "weights": {k: v["bytes"] for k, v in m.weight_report().items()}, "load_s": load_s,
+            "gguf_write_s": gguf_write_s,
             "compile_s": m.compile_seconds, "resident_bytes": resident, "peak_reserved_bytes": max(peaks) if on_gpu
             else None, "planned_resident_bytes": m.plan.resident_bytes, "latency": summarize(times)}
 
@@ -199,8 +209,8 @@ def fits(result: dict, budget_gb: float) -> dict:
 
 def write_csv(result: dict, path: str | Path) -> Path:
     path = Path(path)
-    columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s", "compile_s", "resident_gb",
-               "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "lpips", "skipped"]
+    columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s", "gguf_write_s",
+               "compile_s", "resident_gb", "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "lpips", "skipped"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -211,6 +221,7 @@ def write_csv(result: dict, path: str | Path) -> Path:
                              "placement": r["placement"], "compiled": r["compiled"], "skipped": r.get("skipped", ""),
                              **({} if "skipped" in r else {
                                  "weights_gb": gb(r["weights"]["total"]), "load_s": round(r["load_s"], 3),
+                                 "gguf_write_s": r["gguf_write_s"] and round(r["gguf_write_s"], 3),
                                  "compile_s": r["compile_s"], "resident_gb": gb(r["resident_bytes"]),
                                  "peak_reserved_gb": gb(r["peak_reserved_bytes"]), "p50_s": r["latency"]["p50"],
                                  "p99_s": r["latency"]["p99"], **fidelity})})

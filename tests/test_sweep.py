@@ -49,6 +49,7 @@ def test_every_variant_is_measured_and_scored_against_bf16(result):
         < rows["bf16@resident"]["weights"]["transformer"]
     assert rows["torchao-int8wo@resident"]["weights"]["transformer"] < rows["bf16@resident"]["weights"]["transformer"]
     assert rows["gguf-q4_0+t5-bf16@resident"]["weights"]["transformer"] < rows["bf16@resident"]["weights"]["transformer"]
+    assert rows["gguf-q4_0+t5-bf16@resident"]["gguf_write_s"] >= 0 and rows["nf4@resident"]["gguf_write_s"] is None
     assert rows["nf4+t5-bf16@resident"]["weights"]["text_encoder_2"] > rows["nf4@resident"]["weights"]["text_encoder_2"]
     assert "not image quality" in result["fidelity_note"] and result["published"]
     lpips, note = load_lpips()  # computed where its backbone is cached, else the reason is in the result
