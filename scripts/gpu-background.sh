@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Start scripts/gpu-run.sh STEP... in the background on the GPU host, from a private copy of the repository
+# (a later device call re-syncs the checkout and must not touch a running job), then return at once.
+# Poll it with scripts/gpu-poll.sh in back-to-back calls: the machine is released after 30 s without a call.
+# Usage: bash scripts/gpu-background.sh STEP...   (env as for gpu-run.sh; RUN_DIR, default /tmp/fk)
+set -euo pipefail
+RUN_DIR=${RUN_DIR:-/tmp/fk}
+rm -rf "$RUN_DIR" /tmp/fkrepo && mkdir -p "$RUN_DIR" && cp -r . /tmp/fkrepo && touch "$RUN_DIR/.start"
+cd /tmp/fkrepo
+setsid nohup bash -c "OUT=$RUN_DIR PYTHONPATH=/tmp/fkrepo:\${PYTHONPATH:-} bash scripts/gpu-run.sh $*; touch $RUN_DIR/DONE" \
+  > "$RUN_DIR/run.log" 2>&1 < /dev/null &
+echo "started: $* (log $RUN_DIR/run.log)"

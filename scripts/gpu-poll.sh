@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Wait for a scripts/gpu-background.sh run to finish, at most SECONDS (default 540), then copy what it has
+# written so far (its logs, and the files under reports/ and reference_images/ it wrote) into $OUT, so every
+# poll brings back a snapshot.
+# Usage: bash scripts/gpu-poll.sh [SECONDS]   (RUN_DIR as for gpu-background.sh)
+set -uo pipefail
+RUN_DIR=${RUN_DIR:-/tmp/fk}
+end=$((SECONDS + ${1:-540}))
+while [ ! -f "$RUN_DIR/DONE" ] && [ $SECONDS -lt $end ]; do sleep 10; done
+grep "^== " "$RUN_DIR/run.log"; tail -5 "$RUN_DIR/run.log"
+[ -f "$RUN_DIR/DONE" ] && echo "DONE" || echo "still running"
+( cd /tmp/fkrepo && find reports reference_images -type f -newer "$RUN_DIR/.start" ) > "$RUN_DIR/new-files.txt"
+tar czf "$OUT/snapshot.tgz" --exclude=./results.tgz -C "$RUN_DIR" . -C /tmp/fkrepo -T "$RUN_DIR/new-files.txt"
+ls -la "$OUT"
