@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .synthetic import default_cache_dir
+from .synthetic import cache_root
 
 WARMUP_PROMPT = "a warm-up call: compile and tune every kernel once"
 
 
 def compile_cache_dir() -> Path:
     """Where compiled kernels persist between processes."""
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir().parent / "inductor")
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_root() / "inductor")
 
 
 def compile_components(pipe, mode: str) -> None:
