@@ -93,8 +93,8 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
                             (peak <= b.flux_peak_gb * GB) if judged else None,
                             f"peak allocated {_gb(peak_alloc)} GB, peak reserved {_gb(peak_reserved)} GB "
                             f"({peak / GIB:.4f} GiB at most)" if judged else why_not))
-        out.append(_vortex_total(vram, metrics["placement"]["name"], b, peak_reserved if on_gpu else None,
-                                 why_not if not judged else None))
+        out.append(_vortex_total(vram, metrics["placement"]["name"], b, peak_reserved) if judged
+                   else _verdict("vortex_total", None, b.vortex_total_gb, "GB", None, why_not))
         rise = vram["rise_during_generate"]["bytes"] / 1e6 if on_gpu else None
         out.append(_verdict("generate_rise", rise and round(rise, 1), b.generate_rise_mb, "MB",
                             (rise < b.generate_rise_mb) if judged else None, "" if judged else why_not))
@@ -113,12 +113,10 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
     return out
 
 
-def _vortex_total(vram: dict, placement: str, b, peak_reserved: int | None, why_not: str | None) -> dict:
+def _vortex_total(vram: dict, placement: str, b, peak_reserved: int) -> dict:
     """Judged on the co-tenancy run when there is one (the process capped at the total, the rest of Vortex held
     by a ballast: what Vortex lives with); otherwise on the uncapped peak reserved plus the rest of Vortex, which
     is stricter, since an uncapped allocator keeps blocks cached that a capped one frees and reuses."""
-    if why_not is not None:
-        return _verdict("vortex_total", None, b.vortex_total_gb, "GB", None, why_not)
     beside = next((r for r in vram.get("beside_vortex") or [] if r["placement"] == placement and r.get("applicable")),
                   None)
     if beside is None:

@@ -105,10 +105,9 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
         times.append(time.perf_counter() - t0)
         peaks.append(m.last_call.peak_reserved)
     return {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
-            "placement": variant.placement, "compiled": m.compile_seconds is not None, "device_name": m.info()["device_name"],
-            "weights": {k: v["bytes"] for k, v in m.weight_report().items()}, "load_s": load_s,
-            "gguf_write_s": gguf_write_s,
-            "compile_s": m.compile_seconds, "resident_bytes": resident, "peak_reserved_bytes": max(peaks) if on_gpu
+            "placement": variant.placement, "compiled": m.compile_seconds is not None,
+            "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
+            "load_s": load_s, "gguf_write_s": gguf_write_s, "compile_s": m.compile_seconds, "resident_bytes": resident, "peak_reserved_bytes": max(peaks) if on_gpu
             else None, "planned_resident_bytes": m.plan.resident_bytes, "latency": summarize(times)}
 
 
@@ -210,7 +209,8 @@ def fits(result: dict, budget_gb: float) -> dict:
 def write_csv(result: dict, path: str | Path) -> Path:
     path = Path(path)
     columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s", "gguf_write_s",
-               "compile_s", "resident_gb", "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim", "clip_image_cosine", "lpips", "skipped"]
+               "compile_s", "resident_gb", "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim",
+               "clip_image_cosine", "lpips", "skipped"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
