@@ -5,6 +5,7 @@
 # Usage: bash scripts/gpu-poll.sh [SECONDS]   (RUN_DIR as for gpu-background.sh)
 set -uo pipefail
 RUN_DIR=${RUN_DIR:-/tmp/fk}
+[ -f "$RUN_DIR/.start" ] || { echo "no run in $RUN_DIR: this is a fresh machine (the last one was released)"; exit 3; }
 end=$((SECONDS + ${1:-540}))
 while [ ! -f "$RUN_DIR/DONE" ] && [ $SECONDS -lt $end ]; do sleep 10; done
 grep "^== " "$RUN_DIR/run.log"; tail -5 "$RUN_DIR/run.log"
