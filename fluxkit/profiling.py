@@ -108,7 +108,6 @@ def measure_placement(model: str, device: str, quantization: str, placement: str
               "load_peak_reserved": m.load_memory.peak_reserved,
               "phases": [p.to_dict() for p in m.last_call.memory]}
     if on_gpu:
-        result["resident_error"] = (resident - m.plan.resident_bytes) / max(m.plan.resident_bytes, 1)
         result["rise"] = result["peak_allocated"] - resident
     return result
 
@@ -227,9 +226,11 @@ def placement_table(rows: list[dict]) -> list[dict]:
             table.append({"placement": r["placement"], "error": r["error"]})
             continue
         gb = (lambda v: None if v is None else round(v / GB, 3))
-        table.append({"placement": r["placement"], "resident_gb": gb(r["resident"]),
-                      "planned_resident_gb": gb(r["plan"]["resident_bytes"]),
-                      "resident_error_pct": None if r["resident"] is None else round(100 * r["resident_error"], 2),
+        planned = r["plan"]["resident_bytes"]
+        error = None if r["resident"] is None else r["resident"] - planned
+        table.append({"placement": r["placement"], "resident_gb": gb(r["resident"]), "planned_resident_gb": gb(planned),
+                      "resident_error_gb": gb(error),  # a relative error of a plan of 0 bytes means nothing
+                      "resident_error_pct": None if error is None or planned == 0 else round(100 * error / planned, 2),
                       "peak_allocated_gb": gb(r["peak_allocated"]), "peak_reserved_gb": gb(r["peak_reserved"]),
                       "planned_peak_gb": gb(r["plan"]["peak_bytes"]), "rise_mb": None if r.get("rise") is None
                       else round(r["rise"] / 1e6, 1), "host_gb": gb(r["plan"]["host_bytes"]),

@@ -7,7 +7,7 @@ from test_plan import share_streaming_some_modulation
 
 from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
 from fluxkit.placement import ModulationOutput
-from fluxkit.profiling import cotenancy, cotenancy_table
+from fluxkit.profiling import cotenancy, cotenancy_table, placement_table
 from helpers import PROMPT, t5_unquantized, with_budgets
 
 # Batching the 4 steps' modulation projections changes the float32 summation order: measured max |diff| 1.1e-6.
@@ -104,3 +104,15 @@ def test_the_cotenancy_check_runs_each_placement_in_a_fresh_process_and_says_why
     assert all(r["applicable"] is False and "CUDA" in r["reason"] for r in rows[:2])
     assert "placement" in rows[2]["error"] and "vortex" in rows[2]["error"]  # a bad name lists the valid ones
     assert [t["outcome"] for t in cotenancy_table(rows)] == [rows[0]["reason"], rows[1]["reason"], rows[2]["error"]]
+
+
+def test_the_planner_error_of_a_zero_byte_plan_is_absolute():
+    """`offload` plans 0 resident bytes: a relative error is undefined there (the H200 run printed 3.5e9 %)."""
+    def row(placement, planned, resident):
+        return {"placement": placement, "resident": resident, "plan": {"resident_bytes": planned, "peak_bytes": 0,
+                "host_bytes": 0}, "peak_allocated": resident, "peak_reserved": resident, "rise": 0,
+                "host_rss_added": 0, "latency": {"p50": 1.0}}
+
+    offload, vortex = placement_table([row("offload", 0, 35_000_000), row("vortex", 5_491_000_000, 5_550_000_000)])
+    assert (offload["resident_error_gb"], offload["resident_error_pct"]) == (0.035, None)
+    assert (vortex["resident_error_gb"], vortex["resident_error_pct"]) == (0.059, 1.07)
