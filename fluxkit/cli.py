@@ -350,7 +350,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                              placement=args.placement, name=args.name, out_root=args.out_root,
                              iterations=args.iterations, drift_calls=args.drift_calls, seed=args.seed,
                              clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, baseline=args.baseline,
-                             sweep_presets=args.sweep_presets)
+                             sweep_presets=args.sweep_presets, resume=args.resume)
     print((out_dir / "summary.md").read_text())
     print(f"report: {out_dir}")
     return code
@@ -461,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true", help="02_latency also times the plain diffusers pattern (GPU)")
     p.add_argument("--sweep-presets", nargs="+", choices=available_presets(), default=None,
                    help="04_quantization_tradeoffs: the presets to compare (default: all; bf16 is always the reference)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from an interrupted run of the same --name and options: its finished notebooks are kept")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("info", help="library versions, CUDA device and free memory, cached FLUX models")

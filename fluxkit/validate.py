@@ -1,10 +1,12 @@
 """`fluxkit validate`: run the notebooks through papermill into reports/<name>/ and judge the budgets.
 
-The report is built in a hidden temporary folder beside its destination and moved into place only
-when it is complete (executed notebooks, HTML, plots, metrics.json, summary.md), replacing an earlier
-report of the same name as a whole. An interrupted or crashed run leaves the earlier report as it was
-and nothing of its own: no "pass" is ever shown next to notebooks it did not come from. Returns a
-non-zero exit code when a notebook fails (its executed copy is still saved) or a budget fails.
+The report is built in a hidden folder beside its destination, `.<name>.incomplete`, and moved into
+place only when it is complete (executed notebooks, HTML, plots, metrics.json, summary.md), replacing an
+earlier report of the same name as a whole. An interrupted or crashed run leaves the earlier report as it
+was: no "pass" is ever shown next to notebooks it did not come from. Its hidden folder stays, so that
+`resume=True` (`fluxkit validate --resume`) can go on from the first notebook that did not finish, with
+the same parameters: a full-size run takes twenty minutes and a GPU lease can end in the middle of it.
+Returns a non-zero exit code when a notebook fails (its executed copy is still saved) or a budget fails.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .checks import check_number
@@ -43,6 +44,7 @@ NOTEBOOKS = ("01_vram_profile", "02_latency", "03_quality_regression", "04_quant
 SECTIONS = {"01_vram_profile": "vram", "02_latency": "latency", "03_quality_regression": "quality",
             "04_quantization_tradeoffs": "sweep"}
 KERNEL = "fluxkit"
+RUN_FILE = "run.json"  # in the incomplete folder: parameters and notebook status, for --resume
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -109,8 +111,9 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
 def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
              name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
              seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", baseline: bool = False,
-             sweep_presets: list[str] | None = None, progress: bool = True) -> tuple[Path, int]:
-    """Run every notebook and write the report; returns (report folder, exit code)."""
+             sweep_presets: list[str] | None = None, resume: bool = False, progress: bool = True) -> tuple[Path, int]:
+    """Run every notebook and write the report; returns (report folder, exit code). With `resume`, the notebooks
+    an interrupted run of the same name and parameters finished are kept, not run again."""
     import papermill
     from tqdm.auto import tqdm
 
@@ -131,10 +134,17 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
     parameters = dict(model=str(model), device=device, quantization=quantization, placement=placement, seed=seed,
                       out_dir=".", iterations=iterations, drift_calls=drift_calls, baseline=baseline,
                       sweep_presets=sweep_presets, clip_model=clip_model, clip_pretrained=clip_pretrained)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.incomplete-", dir=out_root))
+    work = out_root / f".{name}.incomplete"
+    status = _resumable(work, parameters) if resume else {}
+    if not status:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+    completed = False
     try:
-        status = {}
         for nb in tqdm(NOTEBOOKS, desc="fluxkit validate", unit="notebook", disable=not progress):
+            if status.get(nb) == "ok":
+                log.info("notebook %s: kept from the interrupted run in %s", nb, work)
+                continue
             executed = work / f"{nb}.ipynb"
             try:
                 papermill.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(executed), parameters=parameters,
@@ -148,14 +158,31 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
                     html_of(executed)
                 except Exception as err:  # a missing nbconvert template must not cost the rest of the report
                     log.error("HTML rendering of %s failed: %s", nb, err)
+            (work / RUN_FILE).write_text(json.dumps({"parameters": parameters, "notebooks": status}, indent=2))
         metrics = _collect(work, name, status, preset, parameters)
+        (work / RUN_FILE).unlink()
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (work / "summary.md").write_text(summary_markdown(metrics))
         _move_into_place(work, out_dir)
+        completed = True
     finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+        if not completed and work.exists():
+            log.error("validate did not finish: `fluxkit validate --resume` with the same --name goes on from %s", work)
     return out_dir, 0 if metrics["verdict"] == "pass" else 1
+
+
+def _resumable(work: Path, parameters: dict) -> dict[str, str]:
+    """The notebook status of an interrupted run in `work`, if it ran with these parameters; {} when there is none."""
+    if not (work / RUN_FILE).is_file():
+        log.info("nothing to resume in %s: every notebook runs", work)
+        return {}
+    earlier = json.loads((work / RUN_FILE).read_text())
+    changed = sorted(k for k in parameters.keys() | earlier["parameters"].keys()
+                     if parameters.get(k) != earlier["parameters"].get(k))
+    if changed:
+        raise InputError(f"--resume: the interrupted run in {work} had other values of {', '.join(changed)}; "
+                         "rerun with the same values, or without --resume to start over")
+    return earlier["notebooks"]
 
 
 def _collect(work: Path, name: str, status: dict, preset, parameters: dict) -> dict:

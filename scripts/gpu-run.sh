@@ -8,7 +8,7 @@
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
 #   references-P   render reference_images/ for the full checkpoint (nf4) under placement P (validate-P compares to them)
-#   validate-P     fluxkit validate --placement P (vortex, resident, offload)
+#   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
 #   restart        fresh processes to their first image (vortex): empty compile cache, then warm; then warm from a
@@ -36,7 +36,7 @@ for step in "$@"; do
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
       done ;;
     references-*) fluxkit references --model "$CKPT" --device cuda --placement "${step#references-}" --overwrite ;;
-    validate-*) fluxkit validate --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls ${DRIFT_CALLS:-100} \
+    validate-*) fluxkit validate --resume --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls ${DRIFT_CALLS:-100} \
                   --name "$GPU-synthetic-full-nf4-${step#validate-}${REPORT_SUFFIX:-}" ${SWEEP_PRESETS:+--sweep-presets $SWEEP_PRESETS} ;;
     baseline) fluxkit bench --model "$CKPT" --device cuda --baseline plain --iterations 50 --rounds 10 \
                 --json "$LOGS/side_by_side_$GPU.json" ;;

@@ -1,6 +1,7 @@
 """`fluxkit validate` end to end on the tiny synthetic checkpoint (CPU), and what it does when things go wrong."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -108,7 +109,7 @@ def test_a_model_without_references_is_refused_before_any_notebook_runs(tmp_path
     assert not list(tmp_path.iterdir())  # no report, not even a hidden work folder
 
 
-def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_path, monkeypatch):
+def test_an_interrupted_rerun_leaves_the_earlier_report_untouched_and_resumes(report, tmp_path, monkeypatch):
     import papermill
 
     out_root = tmp_path / "reports"
@@ -117,9 +118,9 @@ def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_pa
     real = papermill.execute_notebook
     calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 2:
+    def interrupted(*args, **kwargs):  # the lease ends during the second notebook
+        calls.append(Path(args[0]).stem)
+        if calls == list(validate_module.NOTEBOOKS[:2]):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -127,7 +128,17 @@ def test_an_interrupted_rerun_leaves_the_earlier_report_untouched(report, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         validate_module.validate(name="same", out_root=out_root, **FAST_VALIDATE)
     assert {p.name: p.read_bytes() for p in (out_root / "same").iterdir()} == before
-    assert sorted(p.name for p in out_root.iterdir()) == ["same"]  # no half-written folder beside it
+    assert sorted(p.name for p in out_root.iterdir()) == [".same.incomplete", "same"]  # hidden, never a report
+
+    with pytest.raises(InputError, match="other values of iterations"):
+        validate_module.validate(name="same", out_root=out_root, resume=True, **{**FAST_VALIDATE, "iterations": 4})
+    calls.clear()
+    out_dir, code = validate_module.validate(name="same", out_root=out_root, resume=True, **FAST_VALIDATE)
+    assert calls == list(validate_module.NOTEBOOKS[1:])  # the finished notebook is kept, the rest run
+    assert code == 0 and sorted(p.name for p in out_root.iterdir()) == ["same"]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert set(metrics["notebooks"].values()) == {"ok"} and "vram" in metrics and "latency" in metrics
+    assert not (out_dir / validate_module.RUN_FILE).exists()
 
 
 def test_a_failing_notebook_is_saved_and_fails_the_run(tmp_path, monkeypatch, cache_dir):
