@@ -252,10 +252,14 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from .config import load_placement, load_preset
-    from .estimate import estimate_from_bench, for_model
+    from .estimate import cross_check, estimate_from_bench, for_model
     from .plan import components_for, plan_placement
     from .report import to_jsonable
 
+    if args.check and not args.source:
+        from .errors import InputError
+
+        raise InputError("--check compares a projection with a measurement: pass the run to project from as --from")
     if args.source:
         bench = json.loads(args.source.read_text())
         info = bench["model"]
@@ -264,6 +268,15 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         meta, _ = components_for(f"synthetic-{synthetic['preset']}" if synthetic else info["model"]["path"])
         plan = plan_placement(meta, preset, placement)
         result = {"applicable": True, **estimate_from_bench(bench, meta, preset, placement, plan, args.gpu)}
+        if args.check:
+            target = json.loads(args.check.read_text())
+            if (target["model"]["preset"], target["model"]["placement"]["name"]) != (preset.name, placement.name):
+                from .errors import InputError
+
+                raise InputError(f"--check {args.check}: measured with preset {target['model']['preset']} under "
+                                 f"{target['model']['placement']['name']}, --from with {preset.name} under "
+                                 f"{placement.name}; compare runs of the same preset and placement")
+            result["cross_check"] = cross_check(bench, target, meta, preset, placement, plan)
     else:
         import torch
 
@@ -291,6 +304,14 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     print(f"{'P50':>12} {'':>45}{result['measured_p50_s']:>10.4f} {'':>18}"
           + " ".join(f"{result['projected_p50_s'][k]:>9.3f}" for k in args.gpu))
     print(f"{'P99':>12} {'':>74}" + " ".join(f"{result['projected_p99_s'][k]:>9.3f}" for k in args.gpu))
+    if "cross_check" in result:
+        c = result["cross_check"]
+        print(f"cross-check: {c['source']} projected to {c['target']}, against what {c['target']} measured (P50 s)")
+        for phase, error in c["error_by_phase"].items():
+            print(f"{phase:>12} projected {c['projected_s'][phase]:.4f}  measured {c['measured_s'][phase]:.4f}  "
+                  f"error {error:+.1%}")
+        print(f"{'end to end':>12} error {c['end_to_end_error']:+.1%}: "
+              + ("usable (within 15%)" if c["usable"] else "NOT usable (beyond 15%)"))
     if args.json:
         args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     return 0
@@ -417,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="append", choices=_gpu_keys(), default=None,
                    help="target GPU (repeatable); default: all")
     p.add_argument("--from", dest="source", default=None, type=_input_file(".json"),
-                   help="a `fluxkit bench --json` result to project from, instead of measuring here")
+                   help="a `fluxkit bench --json` result (or a report's latency.json) to project from, instead of "
+                        "measuring here")
+    p.add_argument("--check", default=None, type=_input_file(".json"),
+                   help="with --from: a bench result of the same preset and placement on another GPU; projects "
+                        "to that GPU and reports the error per phase (the projection is usable within 15%%)")
     p.add_argument("--iterations", type=_int_in(1, 100_000), default=20)
     p.add_argument("--json", default=None, type=_output_file(".json"))
     p.set_defaults(func=_cmd_estimate)

@@ -109,6 +109,29 @@ def test_estimate_cli_from_a_bench_file(tiny_dir, tmp_path):
     assert run.returncode == 2 and "measures on a GPU" in run.stderr
 
 
+def test_estimate_cli_checks_a_projection_against_the_other_card(tiny_dir, tmp_path):
+    h200, h100, other = tmp_path / "h200.json", tmp_path / "h100.json", tmp_path / "other.json"
+    h200.write_text(json.dumps(_bench("NVIDIA H200", {"text_encode": 0.2, "denoise": 0.3, "decode": 0.05,
+                                                      "copy": 0.002}, tiny_dir)))
+    slower = _bench("NVIDIA H100 80GB HBM3", {"text_encode": 0.4, "denoise": 0.39, "decode": 0.05, "copy": 0.002},
+                    tiny_dir)
+    h100.write_text(json.dumps(slower))
+    run = run_cli("estimate", "--from", str(h200), "--check", str(h100), "--gpu", "h100", "--json",
+                  str(tmp_path / "out.json"))
+    assert run.returncode == 0, run.stderr
+    check = json.loads((tmp_path / "out.json").read_text())["cross_check"]
+    assert check["measured_s"]["denoise"] == 0.39 and check["error_by_phase"]["denoise"] < 0
+    assert check["usable"] is (abs(check["end_to_end_error"]) <= 0.15)
+    assert "cross-check: NVIDIA H200 projected to NVIDIA H100 80GB HBM3" in run.stdout
+    assert f"error {check['end_to_end_error']:+.1%}" in run.stdout
+    slower["model"]["placement"]["name"] = "resident"
+    other.write_text(json.dumps(slower))
+    run = run_cli("estimate", "--from", str(h200), "--check", str(other))
+    assert run.returncode == 2 and "same preset and placement" in run.stderr
+    run = run_cli("estimate", "--check", str(h100))
+    assert run.returncode == 2 and "--from" in run.stderr
+
+
 def test_bootstrap_ratio_of_known_samples():
     assert bootstrap_ratio([2.0] * 20, [1.0] * 20) == {"ratio": 2.0, "ci95": [2.0, 2.0]}
     spread = bootstrap_ratio([1.0, 2.0, 3.0] * 10, [1.0] * 30)
