@@ -28,6 +28,9 @@ if [ ! -f "$CKPT/fluxkit_synthetic.json" ]; then
 fi
 for step in "$@"; do
   start=$SECONDS
+  # the card's clocks, power and throttle reasons beside each step: tells a slow stretch of the GPU from fluxkit's own
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 500 > "$LOGS/$step.clocks.csv" 2>/dev/null & clocks=$!
   case $step in
     cotenancy|model-tests)
       files=tests/test_gpu_cotenancy.py
@@ -61,6 +64,7 @@ for step in "$@"; do
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;
   esac 2>&1 | grep -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$step.log"
+  kill $clocks 2>/dev/null
   echo "== $step: $((SECONDS - start)) s"; tail -25 "$LOGS/$step.log"
 done
 tar czf "$OUT/results.tgz" -C "$OUT" logs -C "$PWD" reference_images $(ls -d reports/*-nf4-* 2>/dev/null)
