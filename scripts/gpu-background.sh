@@ -5,6 +5,9 @@
 # Usage: bash scripts/gpu-background.sh STEP...   (env as for gpu-run.sh; RUN_DIR, default /tmp/fk)
 set -euo pipefail
 RUN_DIR=${RUN_DIR:-/tmp/fk}
+if [ -f "$RUN_DIR/.start" ] && [ ! -f "$RUN_DIR/DONE" ]; then
+  echo "a run is still going in $RUN_DIR: poll it (scripts/gpu-poll.sh) instead of starting another"; exit 3
+fi
 rm -rf "$RUN_DIR" /tmp/fkrepo && mkdir -p "$RUN_DIR" && cp -r . /tmp/fkrepo && touch "$RUN_DIR/.start"
 cd /tmp/fkrepo
 setsid nohup bash -c "OUT=$RUN_DIR PYTHONPATH=/tmp/fkrepo:\${PYTHONPATH:-} bash scripts/gpu-run.sh $*; touch $RUN_DIR/DONE" \
