@@ -176,6 +176,11 @@ def estimate_from_bench(bench: dict, meta: dict, preset: Preset, placement: Plac
 def cross_check(source_bench: dict, target_bench: dict, meta: dict, preset: Preset, placement: PlacementSpec,
                 plan: Plan) -> dict:
     """Measure on one card, project the other, compare with what the other measured: error per phase."""
+    measured_with = (target_bench["model"]["preset"], target_bench["model"]["placement"]["name"])
+    if measured_with != (preset.name, placement.name):
+        raise InputError(f"the run to check against was measured with preset {measured_with[0]} under "
+                         f"{measured_with[1]}, the projection is of {preset.name} under {placement.name}; compare "
+                         "runs of the same preset and placement")
     target = gpu_of(target_bench["model"]["device_name"])
     estimate = estimate_from_bench(source_bench, meta, preset, placement, plan, [target])
     measured = {p: target_bench["plain"]["summary"][p]["p50"] for p in PHASES}

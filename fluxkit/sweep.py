@@ -107,8 +107,9 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
     return {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
             "placement": variant.placement, "compiled": m.compile_seconds is not None,
             "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
-            "load_s": load_s, "gguf_write_s": gguf_write_s, "compile_s": m.compile_seconds, "resident_bytes": resident, "peak_reserved_bytes": max(peaks) if on_gpu
-            else None, "planned_resident_bytes": m.plan.resident_bytes, "latency": summarize(times)}
+            "load_s": load_s, "gguf_write_s": gguf_write_s, "compile_s": m.compile_seconds, "resident_bytes": resident,
+            "peak_reserved_bytes": max(peaks) if on_gpu else None, "planned_resident_bytes": m.plan.resident_bytes,
+            "latency": summarize(times)}
 
 
 def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
