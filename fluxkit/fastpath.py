@@ -10,6 +10,7 @@ predicted and measured to give is in notes/fast_path.md.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -34,8 +35,6 @@ def compile_components(pipe, mode: str) -> None:
 
 def warm_up(model) -> float:
     """One call that triggers compilation; returns its seconds."""
-    import time
-
     start = time.perf_counter()
     model.generate(WARMUP_PROMPT, seed=0)
     if model.device.type == "cuda":

@@ -113,6 +113,7 @@ class FluxModel:
         self.device = device
         self.dtype = dtype
         self.load_seconds = load_seconds
+        self.load_stages: dict[str, float] = {}  # seconds per load stage, in order (loading.LoadStages)
         self.compile_seconds: float | None = None  # the warm-up call that compiled the fast path, if any
         self.load_memory = load_memory
         self.modulation = modulation
@@ -151,6 +152,7 @@ class FluxModel:
                 "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
+                "load_stages_s": {stage: round(s, 3) for stage, s in self.load_stages.items()},
                 "compiled": self.compile_seconds is not None, "compile_seconds": self.compile_seconds}
 
     # ---- generate -------------------------------------------------------------------------------------

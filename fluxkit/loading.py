@@ -226,15 +226,27 @@ def check_fits(plan: Plan, available: int, vram_limit_gb: float | None) -> None:
 
 # ---- load -------------------------------------------------------------------------------------------
 
-def _log_stage(device: torch.device, stage: str) -> None:
-    """INFO: device memory after each load stage and the peak since the previous one (`fluxkit -v` shows it)."""
-    if device.type != "cuda":
-        return
-    torch.cuda.synchronize(device)
-    log.info("load stage %-22s allocated %.3f GB, reserved %.3f GB, peak allocated since last stage %.3f GB", stage,
-             torch.cuda.memory_allocated(device) / GB, torch.cuda.memory_reserved(device) / GB,
-             torch.cuda.max_memory_allocated(device) / GB)
-    torch.cuda.reset_peak_memory_stats(device)
+class LoadStages:
+    """Seconds of each load stage, and on a GPU its device memory (`fluxkit -v` logs both): where a start goes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+        memory = (f", allocated {torch.cuda.memory_allocated(self.device) / GB:.3f} GB, reserved "
+                  f"{torch.cuda.memory_reserved(self.device) / GB:.3f} GB, peak allocated since last stage "
+                  f"{torch.cuda.max_memory_allocated(self.device) / GB:.3f} GB") if cuda else ""
+        log.info("load stage %-22s %7.1f s%s", stage, self.seconds[stage], memory)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def _apply_vram_limit(device: torch.device, vram_limit_gb: float | None) -> None:
@@ -306,7 +318,7 @@ def _load_text_encoder_2(folder: Path, preset: Preset, placement: PlacementSpec,
 
 
 def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec, plan: Plan, device: torch.device,
-                   dtype: torch.dtype):
+                   dtype: torch.dtype, stages: LoadStages):
     import transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
@@ -315,11 +327,11 @@ def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec
     index = json.loads((folder / "model_index.json").read_text())  # its classes were checked by inspect_checkpoint
     offload = placement.offload_between_calls and device.type == "cuda"
     transformer, tables = _load_transformer(folder, preset, placement, plan, device, dtype)
-    _log_stage(device, "transformer")
+    stages.done("transformer")
     if offload:
         transformer.to("cpu")  # before T5 arrives: at most one quantized component on the GPU while loading
     t5 = _load_text_encoder_2(folder, preset, placement, device, dtype)
-    _log_stage(device, "text_encoder_2")
+    stages.done("text_encoder_2")
     if offload:
         t5.to("cpu")
     here = "cpu" if offload else device
@@ -338,7 +350,7 @@ def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
-    _log_stage(device, "text_encoder, vae")
+    stages.done("text_encoder, vae")
     return pipe, tables
 
 
@@ -396,6 +408,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     if revision is None and str(model) in (preset.model.id, "auto"):
         revision = preset.model.revision
     start = time.perf_counter()
+    stages = LoadStages(dev)
     try:
         source = resolve_model(model, revision)
         meta = inspect_checkpoint(source.path, source.describe())
@@ -414,18 +427,19 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     _apply_vram_limit(dev, vram_limit_gb)
     if dev.type == "cuda" and preflight_check:
         check_fits(plan, available_bytes(dev, vram_limit_gb), vram_limit_gb)
+    stages.done("checks and plan")  # includes building a synthetic checkpoint the first time it is asked for
     records: list[PhaseMemory] = []
     out_of_memory, failure, stage = False, None, "weights"
     try:
         with track_phase(dev, "load", records):  # what Flux keeps on the GPU once loaded, warm-up included
-            pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype)
+            pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype, stages)
             model = FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
                               load_seconds=0.0, load_memory=None, modulation=tables)
             if preset.compile and dev.type == "cuda":
                 stage = "the compile warm-up call"
                 compile_components(pipe, preset.compile_mode)
                 model.compile_seconds = warm_up(model)
-                _log_stage(dev, "compile warm-up call")
+                stages.done("compile warm-up call")
     except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory
         out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
     except Exception as err:  # damage that only shows while reading: a corrupt tensor, an unloadable tokenizer
@@ -447,5 +461,6 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
                         "or use a GPU with more memory")
     model.load_memory = records[0]
     model.load_seconds = time.perf_counter() - start
+    model.load_stages = stages.seconds
     log.info("loaded %s (%s, %s) on %s in %.1f s", source.describe(), preset.name, spec.name, dev, model.load_seconds)
     return model

@@ -58,7 +58,7 @@ for step in "$@"; do
       [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement vortex --out $prequantized
       for run in "cold $CKPT" "warm $CKPT" "warm $prequantized"; do
         set -- $run; t0=$EPOCHREALTIME
-        fluxkit generate --prompt "restart $1" --model "$2" --device cuda --placement vortex --out "/tmp/$1.png"
+        fluxkit -v generate --prompt "restart $1" --model "$2" --device cuda --placement vortex --out "/tmp/$1.png"
         echo "$1 compile cache, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
       unset TORCHINDUCTOR_CACHE_DIR ;;

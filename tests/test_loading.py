@@ -30,6 +30,20 @@ def test_weight_report_matches_the_plan(tiny_dir):
     assert report["total"]["gib"] == pytest.approx(report["total"]["bytes"] / GIB, abs=1e-4)
 
 
+def test_a_load_says_where_its_seconds_went(tiny_dir, caplog):
+    # a restart that misses its time budget must show which stage to work on (reading, quantizing, compiling)
+    with caplog.at_level(logging.INFO, logger="fluxkit"):
+        model = load_flux_schnell(device="cpu", model=tiny_dir)
+    stages = model.load_stages
+    assert list(model.info()["load_stages_s"]) == ["checks and plan", "transformer", "text_encoder_2",
+                                                   "text_encoder, vae"] == list(stages)
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) <= model.load_seconds
+    assert sum(stages.values()) >= 0.5 * model.load_seconds  # the stages cover the load, not a slice of it
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("load stage")]
+    assert [m.split("  ")[0].removeprefix("load stage ") for m in logged] == list(stages)
+
+
 def test_nf4_transformer_of_the_real_model_by_plan():
     plan = plan_placement(meta_model("full"), load_preset("nf4"), load_placement("resident"))
     # double quantization: 5.72 GiB measured on an H200 (reports/H200-synthetic-full-nf4/extra)
