@@ -4,7 +4,8 @@ Each call writes into one pre-allocated (512, 512, 3) float32 host buffer, as Vo
 `copy` phase is the device-to-host copy Vortex pays. Every call gets a prompt of its own (the prompt
 cache never hits), as a Director asking for new actors would. `side_by_side` times fluxkit against
 the plain diffusers pattern in one process, interleaved in rounds so that drift of a noisy host hits
-every variant alike.
+every variant alike. Every call keeps its wall-clock start (`started`, Unix seconds), so a slow stretch can
+be laid beside a log of the card's clocks and throttle reasons taken at the same time.
 """
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: i
         model.generate(call_prompt(prompt, -1 - i), seed=seed + i, output=buffer, **kwargs)
     rows = []
     for i in range(iterations):
-        start = time.perf_counter()
+        started, start = time.time(), time.perf_counter()
         model.generate(call_prompt(prompt, i), seed=seed + i, output=buffer, **kwargs)
         total = time.perf_counter() - start
-        rows.append({"total": total, **model.last_call.timings})
+        rows.append({"started": started, "total": total, **model.last_call.timings})
     summary = {key: summarize([r[key] for r in rows]) for key in ("total", *PHASES)}
     return {"iterations": rows, "summary": summary}
 
@@ -115,7 +116,8 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
     check_number("rounds", rounds, 1, iterations, integer=True)
     names = list(variants)
     buffer = torch.empty((512, 512, 3), dtype=torch.float32)
-    times = {n: [] for n in names}
+    times, started = {n: [] for n in names}, {n: [] for n in names}
+    phases = {n: [] for n in names}  # per call, for variants that time their phases (fluxkit's FluxModel)
     peaks = {n: 0 for n in names}
     images = {n: [] for n in names}
     for n in names:
@@ -131,17 +133,23 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
                 before = torch.cuda.memory_allocated()
             for k in range(per_round):
                 i = r * per_round + k
+                started[n].append(time.time())
                 start = time.perf_counter()
                 variants[n].generate(call_prompt(prompt, i), seed=seed + i, output=buffer)  # copying to the host syncs
                 times[n].append(time.perf_counter() - start)
+                if isinstance(variants[n], FluxModel):
+                    phases[n].append(variants[n].last_call.timings)
                 if k == 0:
                     images[n].append(buffer.clone())
             if torch.cuda.is_available():
                 peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated() - before)
     result = {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "unit": "s",
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "variants": {n: {"summary": summarize(times[n]), "times": times[n], "rise_bytes": peaks[n]}
-                           for n in names}}
+              "variants": {n: {"summary": summarize(times[n]), "times": times[n], "started": started[n],
+                               "rise_bytes": peaks[n]} for n in names}}
+    for n in names:
+        if phases[n]:
+            result["variants"][n]["phases"] = {p: summarize([t[p] for t in phases[n]]) for p in PHASES}
     baseline = names[0]
     result["ratios_to_" + baseline] = {n: bootstrap_ratio(times[n], times[baseline]) for n in names[1:]}
     result["agreement_psnr_db"] = {n: min(psnr(x, y) for x, y in zip(images[n], images[baseline]))

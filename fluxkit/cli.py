@@ -245,6 +245,9 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
               f"{result['variants'][n]['rise_bytes'] / 1e9:.2f} GB" + (
                   f"  x{ratio['ratio']:.3f} of plain [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
                   f"  PSNR vs plain {result['agreement_psnr_db'][n]:.1f} dB" if ratio else ""))
+        if "phases" in result["variants"][n]:
+            print(" " * 16 + "p50 per phase: " + ", ".join(
+                f"{phase} {row['p50']:.4f} s" for phase, row in result["variants"][n]["phases"].items()))
     if args.json:
         args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     return 0

@@ -147,3 +147,8 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
     assert set(result["ratios_to_plain"]) == {"same", "bf16"}
     assert result["agreement_psnr_db"]["same"] == float("inf")  # same weights, same seeds: the same images
     assert result["agreement_psnr_db"]["bf16"] < float("inf")
+    # where fluxkit's time goes, and when each call started (to lay slow calls beside the card's clock log)
+    for v in result["variants"].values():
+        assert set(v["phases"]) == set(PHASES) and v["phases"]["denoise"]["n"] == 2
+        assert v["phases"]["denoise"]["p50"] < v["summary"]["p50"]
+        assert v["started"] == sorted(v["started"]) and len(v["started"]) == 2
