@@ -9,12 +9,14 @@ be laid beside a log of the card's clocks and throttle reasons taken at the same
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
 from .checks import check_number
+from .config import LEVERS, load_placement, load_preset
 from .errors import InputError
 from .generation import FluxModel
 from .metrics import psnr, summarize
@@ -174,6 +176,31 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
         before = torch.cuda.memory_allocated()
         variants[name] = factory()
         resident[name] = torch.cuda.memory_allocated() - before if variants[name] is not fluxkit_model else None
+    return variants, resident
+
+
+def load_levers(model: str, device: str, quantization: str = "nf4", placement: str | None = None,
+                levers: tuple[str, ...] = tuple(LEVERS)) -> tuple[dict, dict]:
+    """fluxkit's path as its preset and placement say ("configured") and with each lever changed, in one process,
+    with the GPU bytes each added when it loaded."""
+    from .hub import resolve_model
+    from .loading import load_flux_schnell
+
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise InputError(f"levers {', '.join(unknown)}: no such lever; choose from {', '.join(LEVERS)}")
+    preset = load_preset(quantization)
+    spec = load_placement(placement or preset.placement)
+    folder = resolve_model(model).path
+    settings = {"configured": (preset, spec)}
+    for lever in levers:
+        preset_fields, placement_fields = LEVERS[lever]
+        settings[lever] = (dataclasses.replace(preset, **preset_fields), dataclasses.replace(spec, **placement_fields))
+    variants, resident = {}, {}
+    for name, (p, s) in settings.items():
+        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        variants[name] = load_flux_schnell(device, p, folder, placement=s)
+        resident[name] = torch.cuda.memory_allocated() - before if torch.cuda.is_available() else None
     return variants, resident
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, available_placements, available_presets
+from .config import DEFAULT_MODEL, LEVERS, available_placements, available_presets
 
 MAX_SEED = 2**63 - 1
 
@@ -207,7 +207,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
     from .report import to_jsonable, weights_statement
 
-    if args.baseline:
+    if args.baseline or args.levers:
         return _bench_side_by_side(args)
     model = _load(args)
     result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed)
@@ -225,26 +225,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_side_by_side(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import check_plain_pattern, load_side_by_side, side_by_side
+    from .bench import check_plain_pattern, load_levers, load_side_by_side, side_by_side
     from .config import load_preset
     from .errors import InputError
     from .report import to_jsonable
 
-    check_plain_pattern(load_preset(args.quantization))
-    if args.device == "cpu" or not torch.cuda.is_available():
-        raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run without one")
-    variants, resident = load_side_by_side(args.model, "cuda", args.quantization, "bf16")
+    if args.baseline:
+        check_plain_pattern(load_preset(args.quantization))
+        if args.device == "cpu" or not torch.cuda.is_available():
+            raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run "
+                             "without one")
+        variants, resident = load_side_by_side(args.model, "cuda", args.quantization, "bf16")
+    else:
+        variants, resident = load_levers(args.model, args.device, args.quantization, args.placement,
+                                         tuple(args.levers))
     result = side_by_side(variants, iterations=args.iterations, rounds=args.rounds, warmup=args.warmup, seed=args.seed)
     result["resident_bytes"] = resident
     names = list(variants)
+    base = names[0]
     print(f"side by side on {result['device']}, {result['iterations']} calls each in {result['rounds']} rounds:")
     for n in names:
         s = result["variants"][n]["summary"]
-        ratio = result["ratios_to_plain"].get(n)
-        print(f"{n:>14}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s  resident {resident[n] / 1e9:.2f} GB  rise "
-              f"{result['variants'][n]['rise_bytes'] / 1e9:.2f} GB" + (
-                  f"  x{ratio['ratio']:.3f} of plain [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
-                  f"  PSNR vs plain {result['agreement_psnr_db'][n]:.1f} dB" if ratio else ""))
+        ratio = result["ratios_to_" + base].get(n)
+        memory = (f"  resident {resident[n] / 1e9:.2f} GB  rise {result['variants'][n]['rise_bytes'] / 1e9:.2f} GB"
+                  if resident[n] is not None else "")
+        print(f"{n:>14}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s{memory}" + (
+                  f"  x{ratio['ratio']:.3f} of {base} [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
+                  f"  PSNR vs {base} {result['agreement_psnr_db'][n]:.1f} dB" if ratio else ""))
         if "phases" in result["variants"][n]:
             print(" " * 16 + "p50 per phase: " + ", ".join(
                 f"{phase} {row['p50']:.4f} s" for phase, row in result["variants"][n]["phases"].items()))
@@ -421,9 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_int_in(1, 1000), default=3)
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     p.add_argument("--json", default=None, type=_output_file(".json"), help="write every timing here")
-    p.add_argument("--baseline", choices=("plain",), default=None,
-                   help="time the plain diffusers pattern, fluxkit and fluxkit bf16 side by side (GPU)")
-    p.add_argument("--rounds", type=_int_in(1, 1000), default=10, help="with --baseline: interleaved rounds")
+    side = p.add_mutually_exclusive_group()
+    side.add_argument("--baseline", choices=("plain",), default=None,
+                      help="time the plain diffusers pattern, fluxkit and fluxkit bf16 side by side (GPU)")
+    side.add_argument("--levers", nargs="+", choices=tuple(LEVERS), default=None,
+                      help="time fluxkit's path as configured against each lever changed (eager, CUDA graphs, untiled "
+                           "decode), side by side in one process")
+    p.add_argument("--rounds", type=_int_in(1, 1000), default=10, help="with --baseline or --levers: interleaved "
+                                                                         "rounds")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("estimate", help="project per-phase latency to other GPUs (RTX 3060 ...): an estimate")

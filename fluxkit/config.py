@@ -32,6 +32,13 @@ DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODER_2_MODES = ("gpu", "stream")
 MODULATION_MODES = ("gpu", "fit")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# One fast-path lever each: the preset fields and placement fields it changes (notes/fast_path.md says what each
+# is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
+LEVERS = {
+    "eager": ({"compile": False}, {}),
+    "cuda-graphs": ({"compile_mode": "reduce-overhead"}, {}),
+    "untiled-decode": ({}, {"vae_tile_size": None}),
+}
 
 
 class ConfigError(InputError):

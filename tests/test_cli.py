@@ -37,6 +37,8 @@ def _user_errors(tmp_path, tiny_dir):
         "out not a png": (gen + ["--out", str(tmp_path / "x.jpg")], "must end in .png"),
         "bench json is a folder": (["bench", "--json", str(tmp_path)], "must end in .json"),
         "bench zero iterations": (["bench", "--iterations", "0"], "argument --iterations: 0 is outside"),
+        "unknown lever": (["bench", "--levers", "turbo"], "argument --levers: invalid choice"),
+        "levers and baseline": (["bench", "--baseline", "plain", "--levers", "eager"], "not allowed with argument"),
         "report name escapes": (["validate", "--name", "../../x"], "argument --name"),
         "absolute report name": (["validate", "--name", "/tmp/x"], "argument --name"),
         "unknown placement": (gen + ["--placement", "gpu", "--out", ok_png], "argument --placement: invalid choice"),
@@ -115,6 +117,20 @@ def test_plan_prints_every_preset_and_placement_and_recommends_vortex():
     assert plans["recommended"] is None
     run = run_cli("plan", "--budget-gb", "4")
     assert run.returncode == 1 and "nothing fits a 4.0 GB share" in run.stdout
+
+
+def test_bench_levers_side_by_side(tiny_dir, tmp_path):
+    run = run_cli("bench", "--model", str(tiny_dir), "--device", "cpu", "--levers", "eager", "untiled-decode",
+                  "--iterations", "2", "--rounds", "2", "--warmup", "1", "--json", str(tmp_path / "levers.json"))
+    assert run.returncode == 0, run.stderr
+    assert "x" in run.stdout and "of configured" in run.stdout
+    result = json.loads((tmp_path / "levers.json").read_text())
+    assert list(result["variants"]) == ["configured", "eager", "untiled-decode"]
+    assert set(result["ratios_to_configured"]) == {"eager", "untiled-decode"}
+    # compilation acts on CUDA only: on a CPU the eager lever runs the same arithmetic; the untiled decode does not
+    # blend tiles, so its images differ from the tiled ones of the configured path
+    assert float(result["agreement_psnr_db"]["eager"]) == float("inf")  # JSON keeps it as "inf"
+    assert float(result["agreement_psnr_db"]["untiled-decode"]) < float("inf")
 
 
 def test_bench_and_references(tiny_dir, tmp_path):

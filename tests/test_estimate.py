@@ -4,7 +4,7 @@ import json
 import pytest
 
 from fluxkit import load_flux_schnell, load_placement, load_preset
-from fluxkit.bench import bootstrap_ratio, side_by_side
+from fluxkit.bench import bootstrap_ratio, load_levers, side_by_side
 from fluxkit.checkpoint import meta_components
 from fluxkit.errors import InputError
 from fluxkit.estimate import Work, count_flops, cross_check, estimate_from_bench, gpu, gpu_of, project
@@ -152,3 +152,8 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
         assert set(v["phases"]) == set(PHASES) and v["phases"]["denoise"]["n"] == 2
         assert v["phases"]["denoise"]["p50"] < v["summary"]["p50"]
         assert v["started"] == sorted(v["started"]) and len(v["started"]) == 2
+
+
+def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
+    with pytest.raises(InputError, match="turbo: no such lever; choose from eager, cuda-graphs, untiled-decode"):
+        load_levers(str(tiny_dir), "cpu", levers=("eager", "turbo"))
