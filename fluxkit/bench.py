@@ -10,6 +10,7 @@ be laid beside a log of the card's clocks and throttle reasons taken at the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import numpy as np
@@ -163,7 +164,6 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
                       fluxkit_model: FluxModel | None = None) -> tuple[dict, dict]:
     """The plain pattern, fluxkit's default path (`fluxkit_model` if given) and fluxkit's fastest bf16 path in one
     process, with the GPU bytes each added when it loaded."""
-    from .config import load_preset
     from .hub import resolve_model
     from .loading import load_flux_schnell
 
@@ -171,11 +171,20 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
     factories = {"plain": lambda: PlainPattern(folder, load_preset(quantization), torch.device(device)),
                  "fluxkit": lambda: fluxkit_model or load_flux_schnell(device, quantization, folder, placement="resident"),
                  f"fluxkit_{fast}": lambda: load_flux_schnell(device, fast, folder, placement="resident")}
+    variants, resident = _load_each(factories)
+    if fluxkit_model is not None:  # loaded before: it added nothing here
+        resident["fluxkit"] = None
+    return variants, resident
+
+
+def _load_each(factories: dict) -> tuple[dict, dict]:
+    """Call each factory in turn; the GPU bytes each added (None on a CPU)."""
+    cuda = torch.cuda.is_available()
     variants, resident = {}, {}
     for name, factory in factories.items():
-        before = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated() if cuda else 0
         variants[name] = factory()
-        resident[name] = torch.cuda.memory_allocated() - before if variants[name] is not fluxkit_model else None
+        resident[name] = torch.cuda.memory_allocated() - before if cuda else None
     return variants, resident
 
 
@@ -196,12 +205,8 @@ def load_levers(model: str, device: str, quantization: str = "nf4", placement: s
     for lever in levers:
         preset_fields, placement_fields = LEVERS[lever]
         settings[lever] = (dataclasses.replace(preset, **preset_fields), dataclasses.replace(spec, **placement_fields))
-    variants, resident = {}, {}
-    for name, (p, s) in settings.items():
-        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        variants[name] = load_flux_schnell(device, p, folder, placement=s)
-        resident[name] = torch.cuda.memory_allocated() - before if torch.cuda.is_available() else None
-    return variants, resident
+    return _load_each({name: functools.partial(load_flux_schnell, device, p, folder, placement=s)
+                       for name, (p, s) in settings.items()})
 
 
 def run_side_by_side(model: FluxModel, requested: bool, iterations: int = 50, rounds: int = 10, seed: int = 0) -> dict:
