@@ -12,6 +12,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from .images import load_png, save_png
 from .memory import GB, device_available
 from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
 from .references import reference_prompts
+
+log = logging.getLogger(__name__)
 
 REFERENCE = "bf16"
 FIDELITY_NOTE = ("fidelity on random weights measures quantization error on Gaussian-like weights, not image quality "
@@ -163,8 +166,9 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
 def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int,
            prompts: list[dict], fresh: bool, out_dir: Path) -> dict:
     rows = []
-    for variant in variant_list:
+    for i, variant in enumerate(variant_list, 1):
         image_dir = out_dir / variant.name.replace("@", "_")
+        start = time.perf_counter()
         try:
             row = (_measure_in_fresh_process(model, device, variant, iterations, image_dir, prompts) if fresh
                    else measure_variant(model, device, variant, prompts, iterations, image_dir))
@@ -173,6 +177,8 @@ def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScore
                          "t5_quantized": variant.t5_quantized, "compiled": variant.compiled,
                          "skipped": f"{type(err).__name__}: {err}"})
             continue
+        finally:  # a long sweep says how far it has got
+            log.info("sweep variant %d/%d %s: %.0f s", i, len(variant_list), variant.name, time.perf_counter() - start)
         row["images"] = image_dir
         rows.append(row)
     reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)  # compiled first

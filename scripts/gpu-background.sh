@@ -3,6 +3,7 @@
 # (a later device call re-syncs the checkout and must not touch a running job), then return at once.
 # Poll it with scripts/gpu-poll.sh in back-to-back calls: the machine is released after 30 s without a call.
 # Usage: bash scripts/gpu-background.sh STEP...   (env as for gpu-run.sh; RUN_DIR, default /tmp/fk)
+#        bash scripts/gpu-background.sh --lanes "STEPS of lane 0" "STEPS of lane 1" ...   (scripts/gpu-lanes.sh)
 set -euo pipefail
 RUN_DIR=${RUN_DIR:-/tmp/fk}
 if [ -f "$RUN_DIR/.start" ] && [ ! -f "$RUN_DIR/DONE" ]; then
@@ -10,6 +11,8 @@ if [ -f "$RUN_DIR/.start" ] && [ ! -f "$RUN_DIR/DONE" ]; then
 fi
 rm -rf "$RUN_DIR" /tmp/fkrepo && mkdir -p "$RUN_DIR" && cp -r . /tmp/fkrepo && touch "$RUN_DIR/.start"
 cd /tmp/fkrepo
-setsid nohup bash -c "OUT=$RUN_DIR PYTHONPATH=/tmp/fkrepo:\${PYTHONPATH:-} bash scripts/gpu-run.sh $*; touch $RUN_DIR/DONE" \
+runner=scripts/gpu-run.sh
+[ "${1:-}" = --lanes ] && { runner=scripts/gpu-lanes.sh; shift; }
+setsid nohup bash -c "OUT=$RUN_DIR PYTHONPATH=/tmp/fkrepo:\${PYTHONPATH:-} bash $runner $(printf '%q ' "$@"); touch $RUN_DIR/DONE" \
   > "$RUN_DIR/run.log" 2>&1 < /dev/null &
 echo "started: $* (log $RUN_DIR/run.log)"

@@ -54,7 +54,7 @@ for step in "$@"; do
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
         --placement "${step#expandable-}" --calls 3 ;;
-    sweep-*) fluxkit sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
+    sweep-*) fluxkit -v sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
                ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} --out "$LOGS/sweep_${step#sweep-}" ;;
     restart)
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
@@ -67,7 +67,7 @@ for step in "$@"; do
       done
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;
-  esac 2>&1 | grep -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$step.log"
+  esac 2>&1 | grep --line-buffered -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$step.log"
   kill $clocks 2>/dev/null
   echo "== $step: $((SECONDS - start)) s"; tail -25 "$LOGS/$step.log"
 done
