@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, LEVERS, available_placements, available_presets
+from .config import DEFAULT_MODEL, LEVERS, SWEEP_VARIANT_TIMEOUT_S, available_placements, available_presets
 
 MAX_SEED = 2**63 - 1
 
@@ -326,7 +326,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, None if args.prompts else 2)
     args.out.mkdir(parents=True, exist_ok=True)
     result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement)),
-                   load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts)
+                   load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts, args.variant_timeout)
     result["fits"] = fits(result, args.budget_gb)
     (args.out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     write_csv(result, args.out / "sweep.csv")
@@ -462,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "{name, prompt, seed}")
     p.add_argument("--iterations", type=_int_in(1, 10_000), default=5)
     p.add_argument("--budget-gb", type=_float_in(0.1, 1e4), default=6.0)
+    p.add_argument("--variant-timeout", type=_float_in(1, 86_400), default=SWEEP_VARIANT_TIMEOUT_S, metavar="SECONDS",
+                   help="on a GPU, stop a variant's process after this long and keep its row with the reason")
     p.add_argument("--clip-model", default="ViT-L-14")
     p.add_argument("--clip-pretrained", default="openai")
     p.add_argument("--out", required=True, type=_output_folder)

@@ -40,6 +40,10 @@ LEVERS = {
     "untiled-decode": ({}, {"vae_tile_size": None}),
 }
 
+# How long `fluxkit sweep` lets one variant's process run on a GPU before stopping it and keeping its row with the
+# reason (the longest seen, bf16 resident compiled on an H200, took 123 s from process start to its last call).
+SWEEP_VARIANT_TIMEOUT_S = 900.0
+
 
 class ConfigError(InputError):
     """A preset or placement file is wrong; the message names the file and the key."""

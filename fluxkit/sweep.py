@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .bench import DEFAULT_PROMPT, call_prompt
-from .config import Preset, available_presets, load_placement, load_preset
+from .config import SWEEP_VARIANT_TIMEOUT_S, Preset, available_presets, load_placement, load_preset
 from .errors import FluxkitError, InputError
 from .images import load_png, save_png
 from .memory import GB, device_available
@@ -116,15 +116,18 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
 
 
 def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
-                              prompts: list[dict]) -> dict:
+                              prompts: list[dict], timeout_s: float) -> dict:
     image_dir.mkdir(parents=True, exist_ok=True)
     (image_dir / "prompts.json").write_text(json.dumps(prompts))
-    run = subprocess.run([sys.executable, "-m", "fluxkit.sweep", "--model", model, "--device", device,
-                          "--preset", variant.preset, "--t5", "quantized" if variant.t5_quantized else "bf16",
-                          "--placement", variant.placement, "--compile", "on" if variant.compiled else "off",
-                          "--iterations", str(iterations), "--prompts",
-                          str(image_dir / "prompts.json"), "--images", str(image_dir)], capture_output=True, text=True,
-                         env=os.environ.copy())
+    command = [sys.executable, "-m", "fluxkit.sweep", "--model", model, "--device", device,
+               "--preset", variant.preset, "--t5", "quantized" if variant.t5_quantized else "bf16",
+               "--placement", variant.placement, "--compile", "on" if variant.compiled else "off",
+               "--iterations", str(iterations), "--prompts", str(image_dir / "prompts.json"), "--images", str(image_dir)]
+    try:  # a variant that stalls (a compile that never ends) must not take the rest of the sweep with it
+        run = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"did not finish within {timeout_s:g} s (load, compile warm-up, {len(prompts)} prompts and "
+                           f"{iterations} calls); stopped") from None
     if run.returncode != 0:
         lines = run.stderr.strip().splitlines()
         raise RuntimeError(lines[-1] if lines else f"exit {run.returncode}")
@@ -147,8 +150,10 @@ def load_prompts(path: str | Path | None = None, count: int | None = None) -> li
 
 
 def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int = 5,
-          prompts: list[dict] | None = None) -> dict:
-    """Measure every variant, then score its images against the reference variant's (same prompts and seeds)."""
+          prompts: list[dict] | None = None, variant_timeout_s: float = SWEEP_VARIANT_TIMEOUT_S) -> dict:
+    """Measure every variant, then score its images against the reference variant's (same prompts and seeds).
+
+    On a GPU a variant's process that runs longer than `variant_timeout_s` is stopped and its row says so."""
     import shutil
     import tempfile
 
@@ -158,20 +163,22 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
         variant_list = [dataclasses.replace(v, compiled=c) for v in variant_list for c in (True, False)]
     work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
     try:
-        return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work)
+        return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work, variant_timeout_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int,
-           prompts: list[dict], fresh: bool, out_dir: Path) -> dict:
+           prompts: list[dict], fresh: bool, out_dir: Path, variant_timeout_s: float) -> dict:
     rows = []
     for i, variant in enumerate(variant_list, 1):
         image_dir = out_dir / variant.name.replace("@", "_")
         start = time.perf_counter()
         try:
-            row = (_measure_in_fresh_process(model, device, variant, iterations, image_dir, prompts) if fresh
-                   else measure_variant(model, device, variant, prompts, iterations, image_dir))
+            if fresh:
+                row = _measure_in_fresh_process(model, device, variant, iterations, image_dir, prompts, variant_timeout_s)
+            else:
+                row = measure_variant(model, device, variant, prompts, iterations, image_dir)
         except (FluxkitError, RuntimeError) as err:  # a variant this device cannot run stays, with the reason
             rows.append({"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
                          "t5_quantized": variant.t5_quantized, "compiled": variant.compiled,

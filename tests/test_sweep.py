@@ -75,6 +75,21 @@ def test_a_variant_the_device_cannot_run_stays_with_its_reason(tiny_dir, clip, t
     assert fits(result, 6.0) == {"budget_gb": 6.0, "variants": [], "fastest_within": None}
 
 
+def test_a_variant_that_stalls_is_stopped_and_the_sweep_goes_on(tiny_dir, clip, tmp_path):
+    """On a GPU each variant runs in its own process; one that overruns its time (a compile that never ends) is
+    stopped and kept with the reason. Driven here on the CPU through the same fresh-process path."""
+    import time
+
+    from fluxkit.sweep import _sweep
+
+    start = time.perf_counter()
+    result = _sweep(str(tiny_dir), "cpu", variants(["nf4"]), clip, iterations=1, prompts=load_prompts(count=1),
+                    fresh=True, out_dir=tmp_path, variant_timeout_s=0.5)  # a fresh process needs seconds to import
+    assert [r["variant"] for r in result["rows"]] == ["bf16@resident", "nf4@resident", "nf4+t5-bf16@resident"]
+    assert all("did not finish within 0.5 s" in r["skipped"] for r in result["rows"])
+    assert time.perf_counter() - start < 30  # each stopped at its limit, not run to the end
+
+
 def test_prompt_files(tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("cases:\n  - {name: cat, prompt: a cat, seed: 1}\n")
