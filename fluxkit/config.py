@@ -32,12 +32,15 @@ DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODER_2_MODES = ("gpu", "stream")
 MODULATION_MODES = ("gpu", "fit")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# What torch.compile wraps: the transformer's repeated blocks (regional: seconds to compile) or the whole transformer.
+COMPILE_SCOPES = ("blocks", "transformer")
 # One fast-path lever each: the preset fields and placement fields it changes (notes/fast_path.md says what each
 # is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
 LEVERS = {
     "eager": ({"compile": False}, {}),
     "cuda-graphs": ({"compile_mode": "reduce-overhead"}, {}),
     "untiled-decode": ({}, {"vae_tile_size": None}),
+    "whole-transformer": ({"compile_scope": "transformer"}, {}),
 }
 
 # How long `fluxkit sweep` lets one variant's process run on a GPU before stopping it and keeping its row with the
@@ -136,10 +139,12 @@ class Preset:
     prompt_cache_size: int = 32
     compile: bool = True
     compile_mode: str = "default"
+    compile_scope: str = "blocks"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _check_choice("placement", self.placement, tuple(available_placements()))
         if self.prompt_cache_size < 0:
             raise ConfigError(f"prompt_cache_size={self.prompt_cache_size}: must be >= 0 (0 turns the cache off)")

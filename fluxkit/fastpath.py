@@ -2,7 +2,9 @@
 
 Regional compilation (diffusers' `compile_repeated_blocks`) traces one double-stream and one
 single-stream block and reuses them for all 57, so compiling costs seconds rather than the minutes a
-whole-model compile takes. Compiled kernels go to a persistent cache (fluxkit's cache folder unless
+whole-model compile takes. A preset's `compile_scope: transformer` compiles the whole transformer instead, as the
+FACTS baseline did (NF4 4 steps 0.185 s there, against ~0.4 s of denoise measured with regional compilation):
+the `whole-transformer` lever of `fluxkit bench --levers` measures the two side by side. Compiled kernels go to a persistent cache (fluxkit's cache folder unless
 TORCHINDUCTOR_CACHE_DIR is set), so a restarted process reuses them. `load_flux_schnell` runs one
 warm-up call after compiling, so no caller's first image pays for compilation. What each lever was
 predicted and measured to give is in notes/fast_path.md.
@@ -25,11 +27,15 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_root() / "inductor")
 
 
-def compile_components(pipe, mode: str) -> None:
-    """Compile the transformer's repeated blocks and the VAE decoder (fullgraph: a graph break is an error)."""
+def compile_components(pipe, mode: str, scope: str = "blocks") -> None:
+    """Compile the transformer (its repeated blocks, or all of it) and the VAE decoder (fullgraph: a graph break is
+    an error)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     options = {"fullgraph": True, "mode": None if mode == "default" else mode}
-    pipe.transformer.compile_repeated_blocks(**options)
+    if scope == "transformer":
+        pipe.transformer.compile(**options)
+    else:
+        pipe.transformer.compile_repeated_blocks(**options)
     pipe.vae.decoder.compile(**options)
 
 

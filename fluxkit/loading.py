@@ -437,7 +437,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
                               load_seconds=0.0, load_memory=None, modulation=tables)
             if preset.compile and dev.type == "cuda":
                 stage = "the compile warm-up call"
-                compile_components(pipe, preset.compile_mode)
+                compile_components(pipe, preset.compile_mode, preset.compile_scope)
                 model.compile_seconds = warm_up(model)
                 stages.done("compile warm-up call")
     except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory

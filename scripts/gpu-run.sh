@@ -11,8 +11,8 @@
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
-#   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, CUDA graphs and
-#                  an untiled decode, interleaved in one process
+#   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, CUDA graphs,
+#                  an untiled decode and the whole transformer compiled, interleaved in one process
 #   restart        fresh processes to their first image (vortex): empty compile cache, then warm; then warm from a
 #                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
@@ -48,7 +48,7 @@ for step in "$@"; do
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations ${BENCH_ITERATIONS:-50} \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
     levers-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager cuda-graphs \
-                untiled-decode --iterations ${BENCH_ITERATIONS:-50} --rounds 10 --json "$LOGS/levers_${step#levers-}_$GPU.json" ;;
+                untiled-decode whole-transformer --iterations ${BENCH_ITERATIONS:-50} --rounds 10 --json "$LOGS/levers_${step#levers-}_$GPU.json" ;;
     probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
       python3 -m fluxkit.profiling -v --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
