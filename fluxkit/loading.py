@@ -226,6 +226,14 @@ def check_fits(plan: Plan, available: int, vram_limit_gb: float | None) -> None:
 
 # ---- load -------------------------------------------------------------------------------------------
 
+CHECKS_STAGE, COMPILE_STAGE = "checks and plan", "compile warm-up call"
+
+
+def weight_seconds(stages: dict[str, float]) -> float:
+    """What a load spent reading (and quantizing) weights: every stage but the checks and the compile warm-up."""
+    return sum(seconds for stage, seconds in stages.items() if stage not in (CHECKS_STAGE, COMPILE_STAGE))
+
+
 class LoadStages:
     """Seconds of each load stage, and on a GPU its device memory (`fluxkit -v` logs both): where a start goes."""
 
@@ -427,7 +435,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
     _apply_vram_limit(dev, vram_limit_gb)
     if dev.type == "cuda" and preflight_check:
         check_fits(plan, available_bytes(dev, vram_limit_gb), vram_limit_gb)
-    stages.done("checks and plan")  # includes building a synthetic checkpoint the first time it is asked for
+    stages.done(CHECKS_STAGE)  # includes building a synthetic checkpoint the first time it is asked for
     records: list[PhaseMemory] = []
     out_of_memory, failure, stage = False, None, "weights"
     try:
@@ -439,7 +447,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
                 stage = "the compile warm-up call"
                 compile_components(pipe, preset.compile_mode, preset.compile_scope)
                 model.compile_seconds = warm_up(model)
-                stages.done("compile warm-up call")
+                stages.done(COMPILE_STAGE)
     except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory
         out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
     except Exception as err:  # damage that only shows while reading: a corrupt tensor, an unloadable tokenizer

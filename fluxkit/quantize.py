@@ -56,7 +56,7 @@ def _write_component(source: Path, out: Path, component: str, module: torch.nn.M
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_quantized(model: str, out: str | Path, quantization: str = "nf4", placement: str | None = None,
+def save_quantized(model: str, out: str | Path, quantization: str | Preset = "nf4", placement: str | None = None,
                    device: str = "auto") -> Path:
     """Quantize `model` per preset (bitsandbytes 4-bit) and write it to `out` as a complete checkpoint folder."""
     preset = load_preset(quantization)

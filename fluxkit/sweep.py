@@ -26,7 +26,7 @@ from .bench import DEFAULT_PROMPT, call_prompt
 from .config import SWEEP_VARIANT_TIMEOUT_S, Preset, available_presets, load_placement, load_preset
 from .errors import FluxkitError, InputError
 from .images import load_png, save_png
-from .memory import GB, device_available
+from .memory import GB, device_available, release_device_memory
 from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
 from .references import reference_prompts
 
@@ -78,7 +78,8 @@ def variants(presets: list[str] | None = None, placements: tuple[str, ...] = ("r
 
 def measure_variant(model: str, device: str, variant: Variant, prompts: list[dict], iterations: int,
                     image_dir: Path) -> dict:
-    """Load one variant, render the prompts into `image_dir`, time `iterations` calls (after one warm-up)."""
+    """Load one variant, render the prompts into `image_dir`, time `iterations` calls (after one warm-up), then
+    (see `prequantized_load`) load it again from a pre-quantized folder."""
     from .hub import resolve_model
     from .loading import load_flux_schnell
     from .quantization import gguf_file, unsupported_placement
@@ -107,12 +108,51 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
         m.generate(call_prompt(DEFAULT_PROMPT, i), seed=i)
         times.append(time.perf_counter() - t0)
         peaks.append(m.last_call.peak_reserved)
-    return {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
-            "placement": variant.placement, "compiled": m.compile_seconds is not None,
-            "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
-            "load_s": load_s, "gguf_write_s": gguf_write_s, "compile_s": m.compile_seconds, "resident_bytes": resident,
-            "peak_reserved_bytes": max(peaks) if on_gpu else None, "planned_resident_bytes": m.plan.resident_bytes,
-            "latency": summarize(times)}
+    row = {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
+           "placement": variant.placement, "compiled": m.compile_seconds is not None,
+           "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
+           "load_s": load_s, "load_stages_s": m.load_stages, "gguf_write_s": gguf_write_s,
+           "compile_s": m.compile_seconds, "resident_bytes": resident,
+           "peak_reserved_bytes": max(peaks) if on_gpu else None, "planned_resident_bytes": m.plan.resident_bytes,
+           "latency": summarize(times)}
+    device_used = m.device
+    del m
+    release_device_memory(device_used)
+    row["prequantized"] = prequantized_load(model, device, variant, row["load_stages_s"], image_dir.parent)
+    return row
+
+
+def prequantized_load(model: str, device: str, variant: Variant, stages: dict[str, float], work: Path) -> dict:
+    """Seconds of reading weights from a pre-quantized folder of this variant (written by `fluxkit quantize`), beside
+    quantize-on-load's, or why it was not measured. Compilation plays no part in reading weights: on a GPU, where
+    each variant also runs compiled, only the eager one measures it."""
+    import shutil
+
+    from .loading import load_flux_schnell, weight_seconds
+    from .quantize import save_quantized
+
+    preset = variant.resolved_preset()
+    backend = preset.quantization.backend
+    if backend == "none":
+        return {"reason": "unquantized: nothing to pre-quantize"}
+    if backend == "gguf":
+        return {"reason": "loaded from its GGUF file, pre-quantized by design (gguf_write_s: the one-time write)"}
+    if backend != "bitsandbytes_4bit":
+        return {"reason": f"{backend} presets are not saved pre-quantized (fluxkit quantize: bitsandbytes 4-bit)"}
+    if variant.compiled:
+        return {"reason": "measured on the eager variant (compilation plays no part in reading weights)"}
+    folder = work / f"prequantized-{variant.name.replace('@', '_')}"
+    try:
+        start = time.perf_counter()
+        save_quantized(model, folder, preset, variant.placement, device)
+        save_s = time.perf_counter() - start
+        m = load_flux_schnell(device=device, quantization=dataclasses.replace(preset, compile=False), model=folder,
+                              placement=variant.placement)
+        loaded = weight_seconds(m.load_stages)
+        del m
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"weights_s": loaded, "quantize_on_load_weights_s": weight_seconds(stages), "save_s": save_s}
 
 
 def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
@@ -220,10 +260,22 @@ def fits(result: dict, budget_gb: float) -> dict:
     return {"budget_gb": budget_gb, "variants": marked, "fastest_within": fastest and fastest["variant"]}
 
 
+def load_times(result: dict) -> list[dict]:
+    """Per variant: seconds reading weights with quantize-on-load, and from a pre-quantized folder or why not."""
+    from .loading import weight_seconds
+
+    return [{"variant": r["variant"], "quantize_on_load_s": round(weight_seconds(r["load_stages_s"]), 3),
+             "prequantized_s": (round(r["prequantized"]["weights_s"], 3) if "weights_s" in r["prequantized"]
+                                else r["prequantized"]["reason"])}
+            for r in result["rows"] if "skipped" not in r]
+
+
 def write_csv(result: dict, path: str | Path) -> Path:
+    from .loading import weight_seconds
+
     path = Path(path)
-    columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s", "gguf_write_s",
-               "compile_s", "resident_gb", "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim",
+    columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s",
+               "weights_load_s", "prequantized_weights_load_s", "gguf_write_s", "compile_s", "resident_gb", "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim",
                "clip_image_cosine", "lpips", "skipped"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -235,6 +287,8 @@ def write_csv(result: dict, path: str | Path) -> Path:
                              "placement": r["placement"], "compiled": r["compiled"], "skipped": r.get("skipped", ""),
                              **({} if "skipped" in r else {
                                  "weights_gb": gb(r["weights"]["total"]), "load_s": round(r["load_s"], 3),
+                                 "weights_load_s": round(weight_seconds(r["load_stages_s"]), 3),
+                                 "prequantized_weights_load_s": r["prequantized"].get("weights_s"),
                                  "gguf_write_s": r["gguf_write_s"] and round(r["gguf_write_s"], 3),
                                  "compile_s": r["compile_s"], "resident_gb": gb(r["resident_bytes"]),
                                  "peak_reserved_gb": gb(r["peak_reserved_bytes"]), "p50_s": r["latency"]["p50"],

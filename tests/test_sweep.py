@@ -7,7 +7,7 @@ import pytest
 
 from fluxkit.errors import InputError
 from fluxkit.metrics import load_clip, load_lpips
-from fluxkit.sweep import Variant, fits, load_prompts, sweep, variants, write_csv
+from fluxkit.sweep import Variant, fits, load_prompts, load_times, sweep, variants, write_csv
 from helpers import run_cli
 
 
@@ -56,6 +56,22 @@ def test_every_variant_is_measured_and_scored_against_bf16(result):
     assert result["lpips"] == note and all(("lpips" in r["fidelity"]) == (lpips is not None) for r in rows.values())
 
 
+def test_load_times_with_quantize_on_load_and_from_a_prequantized_folder(result):
+    rows = {r["variant"]: r for r in result["rows"] if "skipped" not in r}
+    for name in ("nf4@resident", "nf4+t5-bf16@resident"):  # bitsandbytes 4-bit: saved, then loaded back
+        pre = rows[name]["prequantized"]
+        assert pre["weights_s"] > 0 and pre["quantize_on_load_weights_s"] > 0 and pre["save_s"] > 0
+        assert set(rows[name]["load_stages_s"]) >= {"checks and plan", "transformer", "text_encoder_2"}
+    assert "not saved pre-quantized" in rows["int8@resident"]["prequantized"]["reason"]
+    assert "not saved pre-quantized" in rows["torchao-int8wo@resident"]["prequantized"]["reason"]
+    assert "GGUF file" in rows["gguf-q4_0+t5-bf16@resident"]["prequantized"]["reason"]
+    assert "unquantized" in rows["bf16@resident"]["prequantized"]["reason"]
+    table = {t["variant"]: t for t in load_times(result)}
+    assert set(table) == set(rows)
+    assert table["nf4@resident"]["prequantized_s"] == round(rows["nf4@resident"]["prequantized"]["weights_s"], 3)
+    assert isinstance(table["int8@resident"]["prequantized_s"], str)  # the reason
+
+
 def test_the_fits_table_and_the_csv(result, tmp_path):
     table = fits(result, budget_gb=0.014)  # between the tiny nf4 (13.6 MB planned) and bf16 (14.5 MB) plans
     fitting = {m["variant"] for m in table["variants"] if m["fits"]}
@@ -63,6 +79,8 @@ def test_the_fits_table_and_the_csv(result, tmp_path):
     assert table["fastest_within"] in fitting and all(not m["measured"] for m in table["variants"])
     rows = list(csv.DictReader(open(write_csv(result, tmp_path / "sweep.csv"))))
     assert [r["variant"] for r in rows] == [r["variant"] for r in result["rows"]] and rows[1]["psnr_db"]
+    nf4 = next(r for r in rows if r["variant"] == "nf4@resident")
+    assert float(nf4["prequantized_weights_load_s"]) > 0 and float(nf4["weights_load_s"]) > 0
 
 
 def test_a_variant_the_device_cannot_run_stays_with_its_reason(tiny_dir, clip, tmp_path):
