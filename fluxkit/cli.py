@@ -325,11 +325,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     check_clip_name(args.clip_model, args.clip_pretrained)
     prompts = load_prompts(args.prompts, None if args.prompts else 2)
     args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "sweep.partial.jsonl"  # each row as it is measured; gone once sweep.json is written
+    partial.unlink(missing_ok=True)
     result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement)),
-                   load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts, args.variant_timeout)
+                   load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts, args.variant_timeout,
+                   partial)
     result["fits"] = fits(result, args.budget_gb)
     (args.out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     write_csv(result, args.out / "sweep.csv")
+    partial.unlink()
     print(f"{'variant':>24} {'weights GB':>10} {'P50 s':>8} {'PSNR dB':>8} {'fits':>5}")
     fit = {m["variant"]: m["fits"] for m in result["fits"]["variants"]}
     for r in result["rows"]:

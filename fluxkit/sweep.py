@@ -29,6 +29,7 @@ from .images import load_png, save_png
 from .memory import GB, device_available, release_device_memory
 from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
 from .references import reference_prompts
+from .report import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +191,13 @@ def load_prompts(path: str | Path | None = None, count: int | None = None) -> li
 
 
 def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int = 5,
-          prompts: list[dict] | None = None, variant_timeout_s: float = SWEEP_VARIANT_TIMEOUT_S) -> dict:
+          prompts: list[dict] | None = None, variant_timeout_s: float = SWEEP_VARIANT_TIMEOUT_S,
+          partial: Path | None = None) -> dict:
     """Measure every variant, then score its images against the reference variant's (same prompts and seeds).
 
-    On a GPU a variant's process that runs longer than `variant_timeout_s` is stopped and its row says so."""
+    On a GPU a variant's process that runs longer than `variant_timeout_s` is stopped and its row says so. Each
+    row is appended to `partial` (JSON lines) as soon as it is measured, so a run stopped part-way keeps the
+    memory and latency of the variants it finished (fidelity is scored at the end)."""
     import shutil
     import tempfile
 
@@ -203,13 +207,13 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
         variant_list = [dataclasses.replace(v, compiled=c) for v in variant_list for c in (True, False)]
     work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
     try:
-        return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work, variant_timeout_s)
+        return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work, variant_timeout_s, partial)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int,
-           prompts: list[dict], fresh: bool, out_dir: Path, variant_timeout_s: float) -> dict:
+           prompts: list[dict], fresh: bool, out_dir: Path, variant_timeout_s: float, partial: Path | None) -> dict:
     rows = []
     for i, variant in enumerate(variant_list, 1):
         image_dir = out_dir / variant.name.replace("@", "_")
@@ -220,13 +224,16 @@ def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScore
             else:
                 row = measure_variant(model, device, variant, prompts, iterations, image_dir)
         except (FluxkitError, RuntimeError) as err:  # a variant this device cannot run stays, with the reason
-            rows.append({"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
-                         "t5_quantized": variant.t5_quantized, "compiled": variant.compiled,
-                         "skipped": f"{type(err).__name__}: {err}"})
-            continue
-        finally:  # a long sweep says how far it has got
-            log.info("sweep variant %d/%d %s: %.0f s", i, len(variant_list), variant.name, time.perf_counter() - start)
-        row["images"] = image_dir
+            row = {"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
+                   "t5_quantized": variant.t5_quantized, "compiled": variant.compiled,
+                   "skipped": f"{type(err).__name__}: {err}"}
+        # a long sweep says how far it has got, and keeps what it has measured
+        log.info("sweep variant %d/%d %s: %.0f s", i, len(variant_list), variant.name, time.perf_counter() - start)
+        if partial is not None:
+            with open(partial, "a") as f:
+                f.write(json.dumps(to_jsonable(row)) + "\n")
+        if "skipped" not in row:
+            row["images"] = image_dir
         rows.append(row)
     reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)  # compiled first
     lpips, lpips_note = load_lpips()

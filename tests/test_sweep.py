@@ -93,6 +93,17 @@ def test_a_variant_the_device_cannot_run_stays_with_its_reason(tiny_dir, clip, t
     assert fits(result, 6.0) == {"budget_gb": 6.0, "variants": [], "fastest_within": None}
 
 
+def test_each_row_is_kept_as_soon_as_it_is_measured(tiny_dir, clip, tmp_path):
+    """A sweep stopped part-way (a lease that ends) keeps the rows it finished."""
+    partial = tmp_path / "rows.jsonl"
+    result = sweep(str(tiny_dir), "cpu", variants(["int8", "torchao-fp8dq"]), clip, iterations=1,
+                   prompts=load_prompts(count=1), partial=partial)
+    kept = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert [r["variant"] for r in kept] == [r["variant"] for r in result["rows"]]  # skipped rows too, in order
+    assert kept[1]["latency"] == result["rows"][1]["latency"] and "skipped" in kept[-1]
+    assert all("images" not in r and "fidelity" not in r for r in kept)  # scored only once all have run
+
+
 def test_a_variant_that_stalls_is_stopped_and_the_sweep_goes_on(tiny_dir, clip, tmp_path):
     """On a GPU each variant runs in its own process; one that overruns its time (a compile that never ends) is
     stopped and kept with the reason. Driven here on the CPU through the same fresh-process path."""
@@ -102,7 +113,7 @@ def test_a_variant_that_stalls_is_stopped_and_the_sweep_goes_on(tiny_dir, clip, 
 
     start = time.perf_counter()
     result = _sweep(str(tiny_dir), "cpu", variants(["nf4"]), clip, iterations=1, prompts=load_prompts(count=1),
-                    fresh=True, out_dir=tmp_path, variant_timeout_s=0.5)  # a fresh process needs seconds to import
+                    fresh=True, out_dir=tmp_path, variant_timeout_s=0.5, partial=None)  # a fresh process needs seconds to import
     assert [r["variant"] for r in result["rows"]] == ["bf16@resident", "nf4@resident", "nf4+t5-bf16@resident"]
     assert all("did not finish within 0.5 s" in r["skipped"] for r in result["rows"])
     assert time.perf_counter() - start < 30  # each stopped at its limit, not run to the end
@@ -129,3 +140,4 @@ def test_sweep_cli_with_placements_as_a_third_axis(tiny_dir, tmp_path):
                                                                            if "skipped" not in r}
     assert "streams modulation layers" in rows["gguf-q4_0+t5-bf16@vortex"]["skipped"]  # kept, with the reason
     assert "nf4@vortex" in run.stdout and "fastest within 6.0 GB" in run.stdout
+    assert not (tmp_path / "out" / "sweep.partial.jsonl").exists()  # complete: sweep.json holds every row
