@@ -4,6 +4,7 @@
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host").
 # Usage: bash scripts/gpu-run.sh STEP...   (scripts/gpu-lanes.sh runs several of these side by side, one per GPU)
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
+#   SWEEP_TIMEOUT (seconds one sweep variant may take),
 #   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
@@ -55,7 +56,8 @@ for step in "$@"; do
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m fluxkit.profiling --model "$CKPT" --device cuda \
         --placement "${step#expandable-}" --calls 3 ;;
     sweep-*) fluxkit -v sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
-               ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} --out "$LOGS/sweep_${step#sweep-}" ;;
+               ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} ${SWEEP_TIMEOUT:+--variant-timeout $SWEEP_TIMEOUT} \
+               --out "$LOGS/sweep_${step#sweep-}" ;;
     restart)
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
       prequantized=/dev/shm/flux-nf4-vortex
