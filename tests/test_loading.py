@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fluxkit import VortexInitializationError, load_flux_schnell, load_placement, load_preset
+from fluxkit.fastpath import compile_components
 from fluxkit.hub import DOWNLOAD_PATTERNS, resolve_model
 from fluxkit.loading import check_fits
 from fluxkit.memory import GB, GIB, count_quantized_linears
@@ -42,6 +43,18 @@ def test_a_load_says_where_its_seconds_went(tiny_dir, caplog):
     assert sum(stages.values()) >= 0.5 * model.load_seconds  # the stages cover the load, not a slice of it
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("load stage")]
     assert [m.split("  ")[0].removeprefix("load stage ") for m in logged] == list(stages)
+
+
+@pytest.mark.parametrize("scope", ["blocks", "transformer"])
+def test_the_compile_scope_picks_what_torch_compile_wraps(tiny_dir, scope):
+    """Compiling only wraps the modules (nothing runs here); the CUDA warm-up is the GPU host's to measure."""
+    pipe = load_flux_schnell(device="cpu", model=tiny_dir).pipe
+    compile_components(pipe, "default", scope)
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    wrapped = [b._compiled_call_impl is not None for b in blocks]
+    assert (pipe.transformer._compiled_call_impl is not None) == (scope == "transformer")
+    assert wrapped == [scope == "blocks"] * len(blocks)
+    assert pipe.vae.decoder._compiled_call_impl is not None
 
 
 def test_nf4_transformer_of_the_real_model_by_plan():
