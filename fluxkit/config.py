@@ -44,7 +44,8 @@ LEVERS = {
 }
 
 # How long `fluxkit sweep` lets one variant's process run on a GPU before stopping it and keeping its row with the
-# reason (the longest seen, bf16 resident compiled on an H200, took 123 s from process start to its last call).
+# reason (the longest seen, bf16 resident compiled on an H200, full-size synthetic checkpoint, took 123 s from process
+# start to its last call).
 SWEEP_VARIANT_TIMEOUT_S = 900.0
 
 

@@ -4,7 +4,7 @@ Regional compilation (diffusers' `compile_repeated_blocks`) traces one double-st
 single-stream block and reuses them for all 57, so compiling costs seconds rather than the minutes a
 whole-model compile takes. A preset's `compile_scope: transformer` compiles the whole transformer instead,
 as the FACTS baseline did (NF4 4 steps 0.185 s there, against ~0.4 s of denoise measured with regional
-compilation): the `whole-transformer` lever of `fluxkit bench --levers` measures the two side by side.
+compilation; both H200, full-size random weights): the `whole-transformer` lever of `fluxkit bench --levers` measures the two side by side.
 Compiled kernels go to a persistent cache (fluxkit's cache folder unless TORCHINDUCTOR_CACHE_DIR is set),
 so a restarted process reuses them. `load_flux_schnell` runs one warm-up call after compiling, so no
 caller's first image pays for compilation. What each lever was predicted and measured to give is in

@@ -82,7 +82,7 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
     """Load one variant, render the prompts into `image_dir`, time `iterations` calls (after one warm-up), then
     (see `prequantized_load`) load it again from a pre-quantized folder."""
     from .hub import resolve_model
-    from .loading import load_flux_schnell
+    from .loading import load_flux_schnell, weight_seconds
     from .quantization import gguf_file, unsupported_placement
 
     preset = variant.resolved_preset()
@@ -112,18 +112,19 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
     row = {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
            "placement": variant.placement, "compiled": m.compile_seconds is not None,
            "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
-           "load_s": load_s, "load_stages_s": m.load_stages, "gguf_write_s": gguf_write_s,
+           "load_s": load_s, "load_stages_s": m.load_stages, "weights_load_s": weight_seconds(m.load_stages),
+           "gguf_write_s": gguf_write_s,
            "compile_s": m.compile_seconds, "resident_bytes": resident,
            "peak_reserved_bytes": max(peaks) if on_gpu else None, "planned_resident_bytes": m.plan.resident_bytes,
            "latency": summarize(times)}
     device_used = m.device
     del m
     release_device_memory(device_used)
-    row["prequantized"] = prequantized_load(model, device, variant, row["load_stages_s"], image_dir.parent)
+    row["prequantized"] = prequantized_load(model, device, variant, row["weights_load_s"], image_dir.parent)
     return row
 
 
-def prequantized_load(model: str, device: str, variant: Variant, stages: dict[str, float], work: Path) -> dict:
+def prequantized_load(model: str, device: str, variant: Variant, quantize_on_load_s: float, work: Path) -> dict:
     """Seconds of reading weights from a pre-quantized folder of this variant (written by `fluxkit quantize`), beside
     quantize-on-load's, or why it was not measured. Compilation plays no part in reading weights: on a GPU, where
     each variant also runs compiled, only the eager one measures it."""
@@ -153,7 +154,7 @@ def prequantized_load(model: str, device: str, variant: Variant, stages: dict[st
         del m
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"weights_s": loaded, "quantize_on_load_weights_s": weight_seconds(stages), "save_s": save_s}
+    return {"weights_s": loaded, "quantize_on_load_weights_s": quantize_on_load_s, "save_s": save_s}
 
 
 def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
@@ -269,20 +270,17 @@ def fits(result: dict, budget_gb: float) -> dict:
 
 def load_times(result: dict) -> list[dict]:
     """Per variant: seconds reading weights with quantize-on-load, and from a pre-quantized folder or why not."""
-    from .loading import weight_seconds
-
-    return [{"variant": r["variant"], "quantize_on_load_s": round(weight_seconds(r["load_stages_s"]), 3),
+    return [{"variant": r["variant"], "quantize_on_load_s": round(r["weights_load_s"], 3),
              "prequantized_s": (round(r["prequantized"]["weights_s"], 3) if "weights_s" in r["prequantized"]
                                 else r["prequantized"]["reason"])}
             for r in result["rows"] if "skipped" not in r]
 
 
 def write_csv(result: dict, path: str | Path) -> Path:
-    from .loading import weight_seconds
-
     path = Path(path)
     columns = ["variant", "preset", "t5_quantized", "placement", "compiled", "weights_gb", "load_s",
-               "weights_load_s", "prequantized_weights_load_s", "gguf_write_s", "compile_s", "resident_gb", "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim",
+               "weights_load_s", "prequantized_weights_load_s", "gguf_write_s", "compile_s", "resident_gb",
+               "peak_reserved_gb", "p50_s", "p99_s", "psnr_db", "ssim",
                "clip_image_cosine", "lpips", "skipped"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -294,7 +292,7 @@ def write_csv(result: dict, path: str | Path) -> Path:
                              "placement": r["placement"], "compiled": r["compiled"], "skipped": r.get("skipped", ""),
                              **({} if "skipped" in r else {
                                  "weights_gb": gb(r["weights"]["total"]), "load_s": round(r["load_s"], 3),
-                                 "weights_load_s": round(weight_seconds(r["load_stages_s"]), 3),
+                                 "weights_load_s": round(r["weights_load_s"], 3),
                                  "prequantized_weights_load_s": r["prequantized"].get("weights_s"),
                                  "gguf_write_s": r["gguf_write_s"] and round(r["gguf_write_s"], 3),
                                  "compile_s": r["compile_s"], "resident_gb": gb(r["resident_bytes"]),

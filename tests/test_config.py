@@ -46,7 +46,8 @@ def _bad(tmp_path, old, new):
     ("flux_resident_gb: [5.5, 6.5]", "flux_resident_gb: 6", r"flux_resident_gb: expected a list"),
     ("flux_resident_gb: [5.5, 6.5]", "flux_resident_gb: [6.5, 5.5]", "low <= high"),
     ("placement: resident", "placement: everywhere", r"placement='everywhere'.*resident, vortex, offload"),
-    ("compile_mode: default", "compile_mode: default\ncompile_scope: model", r"compile_scope='model'.*blocks, transformer"),
+    ("compile_mode: default", "compile_mode: default\ncompile_scope: model",
+     r"compile_scope='model'.*blocks, transformer"),
     ("budgets:", "budgets: 3\nunused:", r"unknown key"),
 ])
 def test_bad_values_name_the_file_and_key(tmp_path, old, new, match):

@@ -155,5 +155,6 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
 
 
 def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
-    with pytest.raises(InputError, match="turbo: no such lever; choose from eager, cuda-graphs, untiled-decode, whole-transformer"):
+    with pytest.raises(InputError,
+                       match="turbo: no such lever; choose from eager, cuda-graphs, untiled-decode, whole-transformer"):
         load_levers(str(tiny_dir), "cpu", levers=("eager", "turbo"))
