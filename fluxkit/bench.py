@@ -161,9 +161,10 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
 
 
 def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4", fast: str = "bf16",
-                      fluxkit_model: FluxModel | None = None) -> tuple[dict, dict]:
-    """The plain pattern, fluxkit's default path (`fluxkit_model` if given) and fluxkit's fastest bf16 path in one
-    process, with the GPU bytes each added when it loaded."""
+                      fluxkit_model: FluxModel | None = None, levers: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+    """The plain pattern, fluxkit's default path (`fluxkit_model` if given), fluxkit's fastest bf16 path and
+    fluxkit with each of `levers` changed (`fluxkit_<lever>`) in one process, as `_load_each` returns them. With
+    levers, a lever's ratio to the plain pattern comes from the same run as the default's."""
     from .hub import resolve_model
     from .loading import load_flux_schnell
 
@@ -171,40 +172,65 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
     factories = {"plain": lambda: PlainPattern(folder, load_preset(quantization), torch.device(device)),
                  "fluxkit": lambda: fluxkit_model or load_flux_schnell(device, quantization, folder, placement="resident"),
                  f"fluxkit_{fast}": lambda: load_flux_schnell(device, fast, folder, placement="resident")}
-    variants, resident = _load_each(factories)
+    for lever, (preset, spec) in lever_settings(quantization, "resident", levers).items():
+        factories[f"fluxkit_{lever}"] = functools.partial(load_flux_schnell, device, preset, folder, placement=spec)
+    variants, resident, skipped = _load_each(factories)
     if fluxkit_model is not None:  # loaded before: it added nothing here
         resident["fluxkit"] = None
-    return variants, resident
+    return variants, resident, skipped
 
 
-def _load_each(factories: dict) -> tuple[dict, dict]:
-    """Call each factory in turn; the GPU bytes each added (None on a CPU)."""
+def _load_each(factories: dict) -> tuple[dict, dict, dict]:
+    """Call each factory in turn: the variants, the GPU bytes each added (None on a CPU), and why each one that
+    failed to load (a compile this device cannot do, memory) did not. The first is what the others are compared
+    with: it must load."""
+    import gc
+
+    from .errors import FluxkitError
+
     cuda = torch.cuda.is_available()
-    variants, resident = {}, {}
-    for name, factory in factories.items():
+    variants, resident, skipped = {}, {}, {}
+    for i, (name, factory) in enumerate(factories.items()):
         before = torch.cuda.memory_allocated() if cuda else 0
-        variants[name] = factory()
+        try:
+            variants[name] = factory()
+        except (FluxkitError, RuntimeError) as err:  # the rest still run; the result says why this one did not
+            if i == 0:
+                raise
+            skipped[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
         resident[name] = torch.cuda.memory_allocated() - before if cuda else None
-    return variants, resident
+    return variants, resident, skipped
 
 
-def load_levers(model: str, device: str, quantization: str = "nf4", placement: str | None = None,
-                levers: tuple[str, ...] = tuple(LEVERS)) -> tuple[dict, dict]:
-    """fluxkit's path as its preset and placement say ("configured") and with each lever changed, in one process,
-    with the GPU bytes each added when it loaded."""
-    from .hub import resolve_model
-    from .loading import load_flux_schnell
-
+def lever_settings(quantization: str, placement: str | None, levers: tuple[str, ...]) -> dict:
+    """Lever name -> (preset, placement spec) with that lever changed from the preset and placement as configured."""
     unknown = [lever for lever in levers if lever not in LEVERS]
     if unknown:
         raise InputError(f"levers {', '.join(unknown)}: no such lever; choose from {', '.join(LEVERS)}")
     preset = load_preset(quantization)
     spec = load_placement(placement or preset.placement)
-    folder = resolve_model(model).path
-    settings = {"configured": (preset, spec)}
+    settings = {}
     for lever in levers:
         preset_fields, placement_fields = LEVERS[lever]
         settings[lever] = (dataclasses.replace(preset, **preset_fields), dataclasses.replace(spec, **placement_fields))
+    return settings
+
+
+def load_levers(model: str, device: str, quantization: str = "nf4", placement: str | None = None,
+                levers: tuple[str, ...] = tuple(LEVERS)) -> tuple[dict, dict, dict]:
+    """fluxkit's path as its preset and placement say ("configured") and with each lever changed, in one process,
+    as `_load_each` returns them."""
+    from .hub import resolve_model
+    from .loading import load_flux_schnell
+
+    settings = lever_settings(quantization, placement, levers)  # an unknown lever fails before anything loads
+    folder = resolve_model(model).path
+    preset = load_preset(quantization)
+    settings = {"configured": (preset, load_placement(placement or preset.placement)), **settings}
     return _load_each({name: functools.partial(load_flux_schnell, device, p, folder, placement=s)
                        for name, (p, s) in settings.items()})
 
@@ -215,8 +241,8 @@ def run_side_by_side(model: FluxModel, requested: bool, iterations: int = 50, ro
         return {"applicable": False, "reason": "not requested (parameter baseline=False; it loads two more models)"}
     if model.device.type != "cuda":
         return {"applicable": False, "reason": "diffusers' bitsandbytes quantizer needs a GPU for the plain pattern"}
-    variants, resident = load_side_by_side(str(model.source.path), str(model.device), model.preset.name,
-                                           fluxkit_model=model)
+    variants, resident, skipped = load_side_by_side(str(model.source.path), str(model.device), model.preset.name,
+                                                    fluxkit_model=model)
     result = side_by_side(variants, iterations=iterations, rounds=min(rounds, iterations), seed=seed)
-    result.update(applicable=True, resident_bytes=resident)
+    result.update(applicable=True, resident_bytes=resident, skipped=skipped)
     return result

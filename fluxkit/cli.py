@@ -232,29 +232,35 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
 
     if args.baseline:
         check_plain_pattern(load_preset(args.quantization))
+        if args.placement not in (None, "resident"):
+            raise InputError(f"--placement {args.placement}: --baseline plain compares resident models (the plain "
+                             "pattern keeps everything on the GPU); drop --placement or use --levers alone")
         if args.device == "cpu" or not torch.cuda.is_available():
             raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run "
                              "without one")
-        variants, resident = load_side_by_side(args.model, "cuda", args.quantization, "bf16")
+        variants, resident, skipped = load_side_by_side(args.model, "cuda", args.quantization, "bf16",
+                                                        levers=tuple(args.levers or ()))
     else:
-        variants, resident = load_levers(args.model, args.device, args.quantization, args.placement,
-                                         tuple(args.levers))
+        variants, resident, skipped = load_levers(args.model, args.device, args.quantization, args.placement,
+                                                  tuple(args.levers))
     result = side_by_side(variants, iterations=args.iterations, rounds=args.rounds, warmup=args.warmup, seed=args.seed)
-    result["resident_bytes"] = resident
+    result.update(resident_bytes=resident, skipped=skipped)
     names = list(variants)
-    base = names[0]
+    base, width = names[0], max(map(len, [*names, *skipped]))
     print(f"side by side on {result['device']}, {result['iterations']} calls each in {result['rounds']} rounds:")
     for n in names:
         s = result["variants"][n]["summary"]
         ratio = result["ratios_to_" + base].get(n)
         memory = (f"  resident {resident[n] / 1e9:.2f} GB  rise {result['variants'][n]['rise_bytes'] / 1e9:.2f} GB"
                   if resident[n] is not None else "")
-        print(f"{n:>14}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s{memory}" + (
+        print(f"{n:>{width}}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s{memory}" + (
                   f"  x{ratio['ratio']:.3f} of {base} [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
                   f"  PSNR vs {base} {result['agreement_psnr_db'][n]:.1f} dB" if ratio else ""))
         if "phases" in result["variants"][n]:
-            print(" " * 16 + "p50 per phase: " + ", ".join(
+            print(" " * (width + 2) + "p50 per phase: " + ", ".join(
                 f"{phase} {row['p50']:.4f} s" for phase, row in result["variants"][n]["phases"].items()))
+    for n, reason in skipped.items():
+        print(f"{n:>{width}}: did not load: {reason}")
     if args.json:
         args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     return 0
@@ -327,9 +333,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "sweep.partial.jsonl"  # each row as it is measured; gone once sweep.json is written
     partial.unlink(missing_ok=True)
-    result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement)),
+    axis = {"both": (True, False), "on": (True,), "off": (False,), "quantized": (True,), "bf16": (False,)}
+    result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement), axis[args.t5]),
                    load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts, args.variant_timeout,
-                   partial)
+                   partial, axis[args.compile])
     result["fits"] = fits(result, args.budget_gb)
     (args.out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     write_csv(result, args.out / "sweep.csv")
@@ -432,12 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_int_in(1, 1000), default=3)
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     p.add_argument("--json", default=None, type=_output_file(".json"), help="write every timing here")
-    side = p.add_mutually_exclusive_group()
-    side.add_argument("--baseline", choices=("plain",), default=None,
-                      help="time the plain diffusers pattern, fluxkit and fluxkit bf16 side by side (GPU)")
-    side.add_argument("--levers", nargs="+", choices=tuple(LEVERS), default=None,
-                      help="time fluxkit's path as configured against each lever changed (eager, CUDA graphs, untiled "
-                           "decode), side by side in one process")
+    p.add_argument("--baseline", choices=("plain",), default=None,
+                   help="time the plain diffusers pattern, fluxkit and fluxkit bf16 side by side (GPU, resident)")
+    p.add_argument("--levers", nargs="+", choices=tuple(LEVERS), default=None,
+                   help="time fluxkit's path as configured against each lever changed (eager, CUDA graphs, untiled "
+                        "decode, whole-transformer compile), side by side in one process; with --baseline, beside "
+                        "the plain pattern and bf16")
     p.add_argument("--rounds", type=_int_in(1, 1000), default=10, help="with --baseline or --levers: interleaved "
                                                                          "rounds")
     p.set_defaults(func=_cmd_bench)
@@ -462,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", nargs="+", default=["resident"], choices=available_placements(),
                    help="one or more placements (a third axis)")
     p.add_argument("--variants", nargs="+", choices=available_presets(), default=None, help="presets (default: all)")
+    p.add_argument("--t5", choices=("both", "quantized", "bf16"), default="both",
+                   help="T5 quantized as the preset says, left in bf16, or both (the second axis)")
+    p.add_argument("--compile", choices=("both", "on", "off"), default="both",
+                   help="on a GPU, each variant compiled, eager or both, each in a process of its own")
     p.add_argument("--prompts", default=None, type=_input_file(".yaml"), help="a YAML file with `cases` of "
                                                                            "{name, prompt, seed}")
     p.add_argument("--iterations", type=_int_in(1, 10_000), default=5)

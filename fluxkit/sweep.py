@@ -65,16 +65,22 @@ class Variant:
         return dataclasses.replace(preset, quantization=dataclasses.replace(preset.quantization, components=components))
 
 
-def variants(presets: list[str] | None = None, placements: tuple[str, ...] = ("resident",)) -> list[Variant]:
-    """The reference first, then every preset with T5 quantized and not (where the preset quantizes it)."""
+def variants(presets: list[str] | None = None, placements: tuple[str, ...] = ("resident",),
+             t5: tuple[bool, ...] = (True, False)) -> list[Variant]:
+    """The reference first, then every preset with T5 quantized and/or not (`t5`), where the preset quantizes it."""
     names = presets or available_presets()
     out = [Variant(REFERENCE, False, placement) for placement in placements]
     for name in names:
         if name == REFERENCE:
             continue
-        t5_axis = (True, False) if "text_encoder_2" in load_preset(name).quantization.components else (False,)
-        out += [Variant(name, t5, placement) for placement in placements for t5 in t5_axis]
+        t5_axis = t5 if "text_encoder_2" in load_preset(name).quantization.components else (False,)
+        out += [Variant(name, t5_quantized, placement) for placement in placements for t5_quantized in t5_axis]
     return out
+
+
+def compile_axis(variant_list: list[Variant], compiled: tuple[bool, ...] = (True, False)) -> list[Variant]:
+    """Each variant compiled and/or eager: a GPU sweep's own axis (on a CPU nothing is compiled)."""
+    return [dataclasses.replace(v, compiled=c) for v in variant_list for c in compiled]
 
 
 def measure_variant(model: str, device: str, variant: Variant, prompts: list[dict], iterations: int,
@@ -193,10 +199,11 @@ def load_prompts(path: str | Path | None = None, count: int | None = None) -> li
 
 def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int = 5,
           prompts: list[dict] | None = None, variant_timeout_s: float = SWEEP_VARIANT_TIMEOUT_S,
-          partial: Path | None = None) -> dict:
+          partial: Path | None = None, compiled: tuple[bool, ...] = (True, False)) -> dict:
     """Measure every variant, then score its images against the reference variant's (same prompts and seeds).
 
-    On a GPU a variant's process that runs longer than `variant_timeout_s` is stopped and its row says so. Each
+    On a GPU each variant runs compiled and/or eager (`compiled`), each in a process of its own; one that runs
+    longer than `variant_timeout_s` is stopped and its row says so. Each
     row is appended to `partial` (JSON lines) as soon as it is measured, so a run stopped part-way keeps the
     memory and latency of the variants it finished (fidelity is scored at the end)."""
     import shutil
@@ -204,8 +211,8 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
 
     prompts = prompts or load_prompts(count=2)
     fresh = torch.cuda.is_available() and device != "cpu"
-    if fresh:  # each variant eager and compiled; on a CPU nothing is compiled
-        variant_list = [dataclasses.replace(v, compiled=c) for v in variant_list for c in (True, False)]
+    if fresh:
+        variant_list = compile_axis(variant_list, compiled)
     work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
     try:
         return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work, variant_timeout_s, partial)

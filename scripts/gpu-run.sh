@@ -3,14 +3,17 @@
 # stays warm), then runs the named steps. Logs and results land in $OUT/results.tgz (the device tool brings it back).
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host").
 # Usage: bash scripts/gpu-run.sh STEP...   (scripts/gpu-lanes.sh runs several of these side by side, one per GPU)
+#   A VAR=value word among the steps sets VAR for the steps after it (e.g. SWEEP_COMPILE=off sweep-resident).
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
-#   SWEEP_TIMEOUT (seconds one sweep variant may take),
+#   SWEEP_TIMEOUT (seconds one sweep variant may take), SWEEP_COMPILE and SWEEP_T5 (both, or one side of the axis),
+#   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
 #   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
 #   references-P   render reference_images/ for the full checkpoint (nf4) under placement P (validate-P compares to them)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
-#   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16, interleaved
+#   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16 (and fluxkit with each of
+#                  BASELINE_LEVERS changed), interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
 #   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, CUDA graphs,
 #                  an untiled decode and the whole transformer compiled, interleaved in one process
@@ -30,6 +33,7 @@ if [ ! -f "$CKPT/fluxkit_synthetic.json" ]; then
   { time fluxkit synth --preset full --out "$CKPT"; } > "$LOGS/synth.log" 2>&1
 fi
 for step in "$@"; do
+  case $step in *=*) export "$step"; echo "== $step"; continue ;; esac
   start=$SECONDS
   # the card's clocks, power and throttle reasons beside each step: tells a slow stretch of the GPU from fluxkit's own
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
@@ -45,7 +49,7 @@ for step in "$@"; do
     validate-*) fluxkit validate --resume --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls ${DRIFT_CALLS:-100} \
                   --name "$GPU-synthetic-full-nf4-${step#validate-}${REPORT_SUFFIX:-}" ${SWEEP_PRESETS:+--sweep-presets $SWEEP_PRESETS} ;;
     baseline) fluxkit bench --model "$CKPT" --device cuda --baseline plain --iterations 50 --rounds 10 \
-                --json "$LOGS/side_by_side_$GPU.json" ;;
+                ${BASELINE_LEVERS:+--levers ${BASELINE_LEVERS//,/ }} --json "$LOGS/side_by_side_$GPU.json" ;;
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations ${BENCH_ITERATIONS:-50} \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
     levers-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager cuda-graphs \
@@ -57,7 +61,7 @@ for step in "$@"; do
         --placement "${step#expandable-}" --calls 3 ;;
     sweep-*) fluxkit -v sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
                ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} ${SWEEP_TIMEOUT:+--variant-timeout $SWEEP_TIMEOUT} \
-               --out "$LOGS/sweep_${step#sweep-}" ;;
+               --compile ${SWEEP_COMPILE:-both} --t5 ${SWEEP_T5:-both} --out "$LOGS/sweep_${step#sweep-}${SWEEP_COMPILE:+_$SWEEP_COMPILE}" ;;
     restart)
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
       prequantized=/dev/shm/flux-nf4-vortex

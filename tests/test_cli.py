@@ -38,7 +38,8 @@ def _user_errors(tmp_path, tiny_dir):
         "bench json is a folder": (["bench", "--json", str(tmp_path)], "must end in .json"),
         "bench zero iterations": (["bench", "--iterations", "0"], "argument --iterations: 0 is outside"),
         "unknown lever": (["bench", "--levers", "turbo"], "argument --levers: invalid choice"),
-        "levers and baseline": (["bench", "--baseline", "plain", "--levers", "eager"], "not allowed with argument"),
+        "baseline of a placement": (["bench", "--baseline", "plain", "--levers", "eager", "--placement", "vortex"],
+                                    "--baseline plain compares resident models"),
         "report name escapes": (["validate", "--name", "../../x"], "argument --name"),
         "absolute report name": (["validate", "--name", "/tmp/x"], "argument --name"),
         "unknown placement": (gen + ["--placement", "gpu", "--out", ok_png], "argument --placement: invalid choice"),
@@ -126,7 +127,7 @@ def test_bench_levers_side_by_side(tiny_dir, tmp_path):
     assert "x" in run.stdout and "of configured" in run.stdout
     result = json.loads((tmp_path / "levers.json").read_text())
     assert list(result["variants"]) == ["configured", "eager", "untiled-decode"]
-    assert set(result["ratios_to_configured"]) == {"eager", "untiled-decode"}
+    assert set(result["ratios_to_configured"]) == {"eager", "untiled-decode"} and result["skipped"] == {}
     # compilation acts on CUDA only: on a CPU the eager lever runs the same arithmetic; the untiled decode does not
     # blend tiles, so its images differ from the tiled ones of the configured path
     assert float(result["agreement_psnr_db"]["eager"]) == float("inf")  # JSON keeps it as "inf"

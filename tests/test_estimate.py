@@ -1,10 +1,11 @@
 """The latency projection's arithmetic on constructed inputs, and the side-by-side machinery on CPU."""
+import dataclasses
 import json
 
 import pytest
 
 from fluxkit import load_flux_schnell, load_placement, load_preset
-from fluxkit.bench import bootstrap_ratio, load_levers, side_by_side
+from fluxkit.bench import bootstrap_ratio, lever_settings, load_levers, side_by_side
 from fluxkit.checkpoint import meta_components
 from fluxkit.errors import InputError
 from fluxkit.estimate import Work, count_flops, cross_check, estimate_from_bench, gpu, gpu_of, project
@@ -158,3 +159,30 @@ def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
     with pytest.raises(InputError,
                        match="turbo: no such lever; choose from eager, cuda-graphs, untiled-decode, whole-transformer"):
         load_levers(str(tiny_dir), "cpu", levers=("eager", "turbo"))
+
+
+def test_each_lever_changes_only_its_own_fields():
+    # the baseline's fluxkit_<lever> variants and --levers alone load from these settings
+    preset, spec = load_preset("nf4"), load_placement("resident")
+    settings = lever_settings("nf4", "resident", ("eager", "whole-transformer", "untiled-decode"))
+    assert list(settings) == ["eager", "whole-transformer", "untiled-decode"]
+    changed = {lever: ({f.name for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(preset, f.name)},
+                       {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(spec, f.name)})
+               for lever, (p, s) in settings.items()}
+    assert changed == {"eager": ({"compile"}, set()), "whole-transformer": ({"compile_scope"}, set()),
+                       "untiled-decode": (set(), {"vae_tile_size"})}
+    assert settings["whole-transformer"][0].compile_scope == "transformer" and preset.compile_scope == "blocks"
+
+
+def test_a_variant_that_fails_to_load_is_kept_with_its_reason():
+    """One lever this device cannot compile must not cost the side-by-side run of all the others."""
+    from fluxkit.bench import _load_each
+
+    def fails():
+        raise RuntimeError("BackendCompilerFailed: no kernel for this card\nlong traceback")
+
+    variants, resident, skipped = _load_each({"plain": object, "fluxkit_cuda-graphs": fails, "fluxkit": object})
+    assert list(variants) == ["plain", "fluxkit"] and set(resident) == {"plain", "fluxkit"}
+    assert skipped == {"fluxkit_cuda-graphs": "RuntimeError: BackendCompilerFailed: no kernel for this card"}
+    with pytest.raises(RuntimeError, match="no kernel"):  # what the others are compared with must load
+        _load_each({"plain": fails, "fluxkit": object})

@@ -7,7 +7,7 @@ import pytest
 
 from fluxkit.errors import InputError
 from fluxkit.metrics import load_clip, load_lpips
-from fluxkit.sweep import Variant, fits, load_prompts, load_times, sweep, variants, write_csv
+from fluxkit.sweep import Variant, compile_axis, fits, load_prompts, load_times, sweep, variants, write_csv
 from helpers import run_cli
 
 
@@ -23,6 +23,18 @@ def test_variants_start_with_the_reference_and_cover_the_t5_axis():
     assert unquantized_t5.quantization.components == ("transformer",)
     eager = Variant("nf4", True, "resident", compiled=False)
     assert eager.name == "nf4+eager@resident" and eager.resolved_preset().compile is False
+
+
+def test_the_t5_and_compile_axes_can_be_narrowed():
+    """A GPU sweep with little time left measures one side of an axis (`fluxkit sweep --t5 ... --compile ...`)."""
+    quantized = [v.name for v in variants(["nf4", "gguf-q4_0"], t5=(True,))]
+    assert quantized == ["bf16@resident", "nf4@resident", "gguf-q4_0+t5-bf16@resident"]  # GGUF never quantizes T5
+    assert [v.name for v in variants(["nf4"], t5=(False,))] == ["bf16@resident", "nf4+t5-bf16@resident"]
+    both = compile_axis(variants(["nf4"], t5=(True,)))
+    assert [(v.name, v.compiled) for v in both] == [("bf16@resident", True), ("bf16+eager@resident", False),
+                                                     ("nf4@resident", True), ("nf4+eager@resident", False)]
+    assert [v.name for v in compile_axis(variants(["nf4"], t5=(True,)), (False,))] == ["bf16+eager@resident",
+                                                                                        "nf4+eager@resident"]
 
 
 @pytest.fixture(scope="module")
