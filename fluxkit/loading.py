@@ -257,6 +257,21 @@ class LoadStages:
             torch.cuda.reset_peak_memory_stats(self.device)
 
 
+def load_failure(source: str, preset: Preset, stage: str, err: Exception) -> VortexInitializationError:
+    """The error for a load that failed other than by running out of memory, with the remedy for where it failed:
+    a compiler that cannot build this preset's kernels is no sign of a damaged checkpoint."""
+    cause = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    if stage == COMPILE_STAGE:
+        return VortexInitializationError(
+            f"torch.compile of {source} ({preset.name}) failed during the {stage}: {cause}",
+            remediation=f"run {preset.name} eager (`compile: false` in its preset file; `fluxkit sweep --compile off`),"
+                        " which loads the same weights; if eager runs, report this message to fluxkit")
+    return VortexInitializationError(
+        f"Loading {source} failed: {cause}",
+        remediation="rebuild or re-download the checkpoint (`fluxkit synth`, `fluxkit download`); if it is "
+                    "intact, report this message as a fluxkit bug")
+
+
 def _apply_vram_limit(device: torch.device, vram_limit_gb: float | None) -> None:
     if device.type != "cuda":
         return
@@ -437,14 +452,14 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
         check_fits(plan, available_bytes(dev, vram_limit_gb), vram_limit_gb)
     stages.done(CHECKS_STAGE)  # includes building a synthetic checkpoint the first time it is asked for
     records: list[PhaseMemory] = []
-    out_of_memory, failure, stage = False, None, "weights"
+    out_of_memory, failure, stage = False, None, "weight loading"
     try:
         with track_phase(dev, "load", records):  # what Flux keeps on the GPU once loaded, warm-up included
             pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype, stages)
             model = FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
                               load_seconds=0.0, load_memory=None, modulation=tables)
             if preset.compile and dev.type == "cuda":
-                stage = "the compile warm-up call"
+                stage = COMPILE_STAGE
                 compile_components(pipe, preset.compile_mode, preset.compile_scope)
                 model.compile_seconds = warm_up(model)
                 stages.done(COMPILE_STAGE)
@@ -454,14 +469,11 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
         failure = err
     if failure is not None:
         release_device_memory(dev)
-        raise VortexInitializationError(
-            f"Loading {source.describe()} failed: {type(failure).__name__}: {failure}",
-            remediation="rebuild or re-download the checkpoint (`fluxkit synth`, `fluxkit download`); if it is "
-                        "intact, report this message as a fluxkit bug") from failure
+        raise load_failure(source.describe(), preset, stage, failure) from failure
     if out_of_memory:
         release_device_memory(dev)
         raise VortexInitializationError(
-            f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}, {spec.name}) during {stage}, with "
+            f"CUDA ran out of memory while loading FLUX.1-schnell ({preset.name}, {spec.name}) during the {stage}, with "
             f"{torch.cuda.max_memory_reserved(dev) / GB:.3f} GB reserved at the peak; partial weights were released.",
             required_vram_gb=round(plan.peak_bytes / GB, 3),
             available_vram_gb=round(available_bytes(dev, vram_limit_gb) / GB, 3),

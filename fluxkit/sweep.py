@@ -176,10 +176,13 @@ def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterati
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"did not finish within {timeout_s:g} s (load, compile warm-up, {len(prompts)} prompts and "
                            f"{iterations} calls); stopped") from None
-    if run.returncode != 0:
+    if run.returncode != 0:  # a crash the process could not report itself
         lines = run.stderr.strip().splitlines()
         raise RuntimeError(lines[-1] if lines else f"exit {run.returncode}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    if "error" in row:
+        raise RuntimeError(row["error"])
+    return row
 
 
 def load_prompts(path: str | Path | None = None, count: int | None = None) -> list[dict]:
@@ -321,8 +324,12 @@ def _main() -> None:
     parser.add_argument("--images", required=True)
     args = parser.parse_args()
     variant = Variant(args.preset, args.t5 == "quantized", load_placement(args.placement).name, args.compile == "on")
-    print(json.dumps(measure_variant(args.model, args.device, variant, load_prompts(args.prompts), args.iterations,
-                                     Path(args.images))))
+    try:
+        row = measure_variant(args.model, args.device, variant, load_prompts(args.prompts), args.iterations,
+                              Path(args.images))
+    except (FluxkitError, RuntimeError) as err:  # the whole reason, on one line, for the sweep's row
+        row = {"error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from fluxkit import VortexInitializationError, load_flux_schnell, load_placement, load_preset
 from fluxkit.fastpath import compile_components
 from fluxkit.hub import DOWNLOAD_PATTERNS, resolve_model
-from fluxkit.loading import check_fits
+from fluxkit.loading import COMPILE_STAGE, check_fits, load_failure
 from fluxkit.memory import GB, GIB, count_quantized_linears
 from fluxkit.plan import plan_placement
 from fluxkit.synthetic import meta_model
@@ -101,6 +101,19 @@ def test_bad_arguments_are_load_failures_that_name_the_argument(tiny_dir, kwargs
         load_flux_schnell(**args)
     if error is not None:
         assert isinstance(info.value, error)
+
+
+def test_a_failed_compile_is_not_blamed_on_the_checkpoint():
+    """Run 17 (H200): fp8-layerwise's compile warm-up failed and the error told the user to rebuild the checkpoint."""
+    preset = load_preset("fp8-layerwise")
+    err = RuntimeError("backend='inductor' raised:\nLoweringException: no float8 cast here\n\nSet TORCH_LOGS")
+    compiled = load_failure("synthetic-full", preset, COMPILE_STAGE, err)
+    assert "torch.compile of synthetic-full (fp8-layerwise) failed during the compile warm-up call" in str(compiled)
+    assert "\n" not in str(compiled) and "LoweringException: no float8 cast here" in str(compiled)
+    assert "compile: false" in compiled.remediation and "rebuild" not in compiled.remediation
+    damaged = load_failure("synthetic-full", preset, "weight loading", ValueError("header too large"))
+    assert "Loading synthetic-full failed: ValueError: header too large" in str(damaged)
+    assert "rebuild or re-download" in damaged.remediation
 
 
 def test_bad_vram_limit_in_the_environment_names_the_variable(tiny_dir, monkeypatch):

@@ -131,6 +131,18 @@ def test_a_variant_that_stalls_is_stopped_and_the_sweep_goes_on(tiny_dir, clip, 
     assert time.perf_counter() - start < 30  # each stopped at its limit, not run to the end
 
 
+def test_a_variant_process_that_fails_gives_its_whole_reason(tiny_dir, clip, tmp_path):
+    """The fresh-process path (a GPU sweep's) keeps the error itself, not the last line of a traceback (run 17 kept
+    only " Remedy: ..." of a multi-line compile error). Driven on the CPU, where float8 matmuls cannot run."""
+    from fluxkit.sweep import _sweep
+
+    result = _sweep(str(tiny_dir), "cpu", [Variant("torchao-fp8dq", True, "resident")], clip, iterations=1,
+                    prompts=load_prompts(count=1), fresh=True, out_dir=tmp_path, variant_timeout_s=300, partial=None)
+    reason = result["rows"][0]["skipped"]
+    assert reason.startswith("RuntimeError: VortexInitializationError: preset torchao-fp8dq cannot run"), reason
+    assert "compute capability 8.9" in reason and "Remedy:" in reason and "\n" not in reason
+
+
 def test_prompt_files(tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("cases:\n  - {name: cat, prompt: a cat, seed: 1}\n")
