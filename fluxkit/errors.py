@@ -60,8 +60,9 @@ class LoadInputTypeError(VortexInitializationError, TypeError):
 class GenerationError(FluxkitError, RuntimeError):
     """A generate call failed on the device; the model stays loaded and usable."""
 
-    def __init__(self, message: str, *, phase: str, memory: dict | None = None) -> None:
+    def __init__(self, message: str, *, phase: str, memory: dict | None = None, out_of_memory: bool = False) -> None:
         figures = ", ".join(f"{k}={v}" for k, v in (memory or {}).items())
         super().__init__(f"{message} (phase: {phase}{'; ' + figures if figures else ''})")
         self.phase = phase
         self.memory = memory or {}
+        self.out_of_memory = out_of_memory  # else another CUDA error (a failed graph capture, a bad kernel)

@@ -179,12 +179,13 @@ class FluxModel:
         return output if output is not None else image
 
     def _run(self, request: GenerationRequest, buffer: torch.Tensor | None, record: CallRecord) -> torch.Tensor:
-        failure = None
+        failure, out_of_memory = None, False
         try:
             with torch.inference_mode():
                 image = self._phases(request, buffer, record)
         except torch.OutOfMemoryError:
-            failure = "CUDA out of memory during generate; memory was released and the model is still usable"
+            failure, out_of_memory = "CUDA out of memory during generate; memory was released and the model is still " \
+                                     "usable", True
         except RuntimeError as err:
             if "CUDA" not in str(err) and "cuda" not in str(err):
                 raise
@@ -196,7 +197,7 @@ class FluxModel:
             # Raised outside the except block: no traceback is left holding the call's activations.
             phase = PHASES[min(len(record.memory), len(PHASES) - 1)]
             release_device_memory(self.device)
-            raise GenerationError(failure, phase=phase, memory=self._memory_figures())
+            raise GenerationError(failure, phase=phase, memory=self._memory_figures(), out_of_memory=out_of_memory)
         return image
 
     def _phases(self, request: GenerationRequest, buffer: torch.Tensor | None, record: CallRecord) -> torch.Tensor:

@@ -463,10 +463,11 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
                 compile_components(pipe, preset.compile_mode, preset.compile_scope)
                 model.compile_seconds = warm_up(model)
                 stages.done(COMPILE_STAGE)
-    except (torch.OutOfMemoryError, GenerationError):  # GenerationError: the warm-up call ran out of memory
+    except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, once the traceback (and the partial weights it holds) is gone
-    except Exception as err:  # damage that only shows while reading: a corrupt tensor, an unloadable tokenizer
-        failure = err
+    except Exception as err:  # damage that only shows while reading (a corrupt tensor), a compile that fails
+        out_of_memory = isinstance(err, GenerationError) and err.out_of_memory  # the warm-up call's own OOM
+        failure = None if out_of_memory else err
     if failure is not None:
         release_device_memory(dev)
         raise load_failure(source.describe(), preset, stage, failure) from failure

@@ -142,3 +142,24 @@ def test_prompt_cache_keys_on_every_setting_and_evicts_the_oldest(tiny_dir):
     other = load_flux_schnell(device="cpu", model=tiny_dir, quantization=shorter)
     other.generate("b", seed=0)
     assert other.last_call.prompt_cache_hits == 0 and list(other.prompt_cache.entries) == [("b", 128)]
+
+
+@pytest.mark.parametrize("fault, out_of_memory", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: operation not permitted when stream is capturing"), False)])
+def test_a_device_failure_says_whether_memory_ran_out(tiny_model, fault, out_of_memory):
+    """The loader reports an out-of-memory warm-up as such and any other CUDA failure (run 17: a CUDA-graph lever
+    was reported as out of memory at 77 of 143 GB) as what it was."""
+    from fluxkit import GenerationError
+
+    def fail(module, args):
+        raise fault
+
+    hook = tiny_model.pipe.transformer.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(GenerationError) as info:
+            tiny_model.generate(PROMPT, seed=0)
+    finally:
+        hook.remove()
+    assert info.value.out_of_memory is out_of_memory and info.value.phase == "denoise"
+    assert tiny_model.generate(PROMPT, seed=0).shape == (512, 512, 3)  # still usable
