@@ -197,7 +197,8 @@ def _load_each(factories: dict) -> tuple[dict, dict, dict]:
         except (FluxkitError, RuntimeError) as err:  # the rest still run; the result says why this one did not
             if i == 0:
                 raise
-            skipped[name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            skipped[name] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        if name in skipped:  # out of the except block: its traceback no longer holds the partial model
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()

@@ -149,6 +149,10 @@ class Preset:
         _check_choice("placement", self.placement, tuple(available_placements()))
         if self.prompt_cache_size < 0:
             raise ConfigError(f"prompt_cache_size={self.prompt_cache_size}: must be >= 0 (0 turns the cache off)")
+        if self.compile and self.quantization.backend == "layerwise_casting":
+            raise ConfigError(f"preset {self.name}: compile=true with layerwise casting: diffusers casts each layer's "
+                              "weights inside its forward (module.to), which torch.compile(fullgraph=True) refuses "
+                              "(nn.Parameter() constructor); set compile: false")
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,11 @@ fi
 for step in "$@"; do
   case $step in *=*) export "$step"; echo "== $step"; continue ;; esac
   start=$SECONDS
+  name=$step; n=1  # a step run twice (another SWEEP_COMPILE) keeps both logs
+  while [ -e "$LOGS/$name.log" ]; do n=$((n + 1)); name=$step.$n; done
   # the card's clocks, power and throttle reasons beside each step: tells a slow stretch of the GPU from fluxkit's own
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
-    --format=csv -lms 500 > "$LOGS/$step.clocks.csv" 2>/dev/null & clocks=$!
+    --format=csv -lms 500 > "$LOGS/$name.clocks.csv" 2>/dev/null & clocks=$!
   case $step in
     cotenancy|model-tests)
       files=tests/test_gpu_cotenancy.py
@@ -73,9 +75,9 @@ for step in "$@"; do
       done
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;
-  esac 2>&1 | grep --line-buffered -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$step.log"
+  esac 2>&1 | grep --line-buffered -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$name.log"
   kill $clocks 2>/dev/null
-  echo "== $step: $((SECONDS - start)) s"; tail -25 "$LOGS/$step.log"
+  echo "== $step: $((SECONDS - start)) s"; tail -25 "$LOGS/$name.log"
 done
 tar czf "$OUT/results.tgz" -C "$OUT" logs -C "$PWD" reference_images $(ls -d reports/*-nf4-* 2>/dev/null)
 ls -la "$OUT"

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from fluxkit.config import CONFIG_DIR, ConfigError, available_placements, available_presets, load_placement, load_preset
@@ -54,6 +56,15 @@ def test_bad_values_name_the_file_and_key(tmp_path, old, new, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_preset(_bad(tmp_path, old, new))
     assert isinstance(info.value, ValueError)
+
+
+def test_layerwise_casting_cannot_be_compiled():
+    """fullgraph torch.compile refuses the casting hooks: say so when the preset is read, not after the weights load
+    (the sweep's compiled variant of fp8-layerwise becomes a row with this reason)."""
+    layerwise = load_preset("fp8-layerwise")
+    assert layerwise.compile is False
+    with pytest.raises(ConfigError, match="compile=true with layerwise casting.*set compile: false"):
+        dataclasses.replace(layerwise, compile=True)
 
 
 def test_a_preset_that_is_not_yaml_is_refused(tmp_path):
