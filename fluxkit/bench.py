@@ -130,6 +130,7 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            call_peak = 0  # FluxModel resets the peak counter at each phase: its calls keep their own peaks
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -142,10 +143,11 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
                 times[n].append(time.perf_counter() - start)
                 if isinstance(variants[n], FluxModel):
                     phases[n].append(variants[n].last_call.timings)
+                    call_peak = max(call_peak, variants[n].last_call.peak or 0)
                 if k == 0:
                     images[n].append(buffer.clone())
             if torch.cuda.is_available():
-                peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated() - before)
+                peaks[n] = max(peaks[n], max(torch.cuda.max_memory_allocated(), call_peak) - before)
     result = {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "unit": "s",
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "variants": {n: {"summary": summarize(times[n]), "times": times[n], "started": started[n],

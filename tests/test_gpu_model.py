@@ -57,6 +57,18 @@ def test_rise_during_generate_under_500mb(full_model):
     assert rise < 500 * MB
 
 
+def test_side_by_side_reports_the_whole_call_s_rise(full_model):
+    """fluxkit resets the peak counter at each phase; the side-by-side rise must still cover the whole call (run 17
+    reported 0.01 GB, the copy phase's, for every fluxkit variant)."""
+    from fluxkit.bench import side_by_side
+
+    result = side_by_side({"fluxkit": full_model}, iterations=2, rounds=1, warmup=1)
+    rise = result["variants"]["fluxkit"]["rise_bytes"]
+    phase_rises = [m.rise for m in full_model.last_call.memory]
+    print(f"\nside-by-side rise {rise / MB:.1f} MB; phase rises {[round(r / MB, 1) for r in phase_rises]} MB")
+    assert rise >= max(phase_rises) > 50 * MB
+
+
 def test_bit_identical_repeats_into_a_host_buffer(full_model):
     a = full_model.generate(PROMPT, seed=42)
     b = full_model.generate(PROMPT, seed=42)
