@@ -45,6 +45,17 @@ def to_jsonable(value):
     return value
 
 
+def from_jsonable(value):
+    """The inverse of `to_jsonable`: "inf", "-inf" and "nan" back to floats (a saved sweep.json plotted again)."""
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    return value
+
+
 def _verdict(name: str, value, limit, unit: str, ok: bool | None, note: str = "") -> dict:
     status = NA if ok is None else (PASS if ok else FAIL)
     return {"name": name, "value": value, "limit": limit, "unit": unit, "status": status, "note": note}

@@ -29,7 +29,7 @@ from .images import load_png, save_png
 from .memory import GB, device_available, release_device_memory
 from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
 from .references import reference_prompts
-from .report import to_jsonable
+from .report import from_jsonable, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,11 @@ def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScore
     return {"model": model, "device": device, "rows": rows, "reference": REFERENCE, "prompts": prompts,
             "clip": clip.describe(), "lpips": lpips_note,
             "fidelity_note": FIDELITY_NOTE, "published": PUBLISHED}
+
+
+def load_result(path: str | Path) -> dict:
+    """A `sweep.json` written by `fluxkit sweep` (on a GPU host, say), ready for `fits`, `load_times` and the plots."""
+    return from_jsonable(json.loads(Path(path).read_text()))
 
 
 def fits(result: dict, budget_gb: float) -> dict:

@@ -5,9 +5,10 @@ import math
 
 import pytest
 
+from fluxkit import plots
 from fluxkit.errors import InputError
 from fluxkit.metrics import load_clip, load_lpips
-from fluxkit.sweep import Variant, compile_axis, fits, load_prompts, load_times, sweep, variants, write_csv
+from fluxkit.sweep import Variant, compile_axis, fits, load_prompts, load_result, load_times, sweep, variants, write_csv
 from helpers import run_cli
 
 
@@ -165,3 +166,8 @@ def test_sweep_cli_with_placements_as_a_third_axis(tiny_dir, tmp_path):
     assert "streams modulation layers" in rows["gguf-q4_0+t5-bf16@vortex"]["skipped"]  # kept, with the reason
     assert "nf4@vortex" in run.stdout and "fastest within 6.0 GB" in run.stdout
     assert not (tmp_path / "out" / "sweep.partial.jsonl").exists()  # complete: sweep.json holds every row
+    # a saved sweep is read back as it was measured (the reference's infinite PSNR a float again) and plotted
+    saved = load_result(tmp_path / "out" / "sweep.json")
+    assert saved["rows"][0]["fidelity"]["psnr_db"] == math.inf and fits(saved, 6.0)["budget_gb"] == 6.0
+    plots.sweep_pareto(saved, tmp_path / "out")
+    assert any((tmp_path / "out").glob("*.png"))
