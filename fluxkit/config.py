@@ -38,7 +38,7 @@ COMPILE_SCOPES = ("blocks", "transformer")
 # is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
 LEVERS = {
     "eager": ({"compile": False}, {}),
-    "cuda-graphs": ({"compile_mode": "reduce-overhead"}, {}),
+    "cuda-graphs": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer"}, {}),
     "untiled-decode": ({}, {"vae_tile_size": None}),
     "whole-transformer": ({"compile_scope": "transformer"}, {}),
 }
@@ -149,6 +149,11 @@ class Preset:
         _check_choice("placement", self.placement, tuple(available_placements()))
         if self.prompt_cache_size < 0:
             raise ConfigError(f"prompt_cache_size={self.prompt_cache_size}: must be >= 0 (0 turns the cache off)")
+        if self.compile_mode == "reduce-overhead" and self.compile_scope == "blocks":
+            raise ConfigError(f"preset {self.name}: compile_mode reduce-overhead with compile_scope blocks: each block's "
+                              "CUDA-graph replay overwrites the output of the block before it (\"accessing tensor "
+                              "output of CUDAGraphs that has been overwritten\" on an H200); set compile_scope: "
+                              "transformer")
         if self.compile and self.quantization.backend == "layerwise_casting":
             raise ConfigError(f"preset {self.name}: compile=true with layerwise casting: diffusers casts each layer's "
                               "weights inside its forward (module.to), which torch.compile(fullgraph=True) refuses "

@@ -32,12 +32,19 @@ def compile_components(pipe, mode: str, scope: str = "blocks") -> None:
     """Compile the transformer (its repeated blocks, or all of it) and the VAE decoder (fullgraph: a graph break is
     an error)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-    options = {"fullgraph": True, "mode": None if mode == "default" else mode}
+    transformer, decoder = compile_options(mode)
     if scope == "transformer":
-        pipe.transformer.compile(**options)
+        pipe.transformer.compile(**transformer)
     else:
-        pipe.transformer.compile_repeated_blocks(**options)
-    pipe.vae.decoder.compile(**options)
+        pipe.transformer.compile_repeated_blocks(**transformer)
+    pipe.vae.decoder.compile(**decoder)
+
+
+def compile_options(mode: str) -> tuple[dict, dict]:
+    """torch.compile's options for the transformer and for the VAE decoder. The decoder gets no CUDA graphs: it runs
+    once per tile, and each replay would overwrite the tile before it (H200, run 18)."""
+    transformer = {"fullgraph": True, "mode": None if mode == "default" else mode}
+    return transformer, {**transformer, "mode": None if mode == "reduce-overhead" else transformer["mode"]}
 
 
 def warm_up(model) -> float:

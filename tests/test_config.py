@@ -67,6 +67,16 @@ def test_layerwise_casting_cannot_be_compiled():
         dataclasses.replace(layerwise, compile=True)
 
 
+def test_cuda_graphs_need_the_whole_transformer_compiled():
+    """Regional compilation replays one block's CUDA graph for every block, overwriting the output the next block
+    reads (H200, run 18): refused when the preset is read."""
+    nf4 = load_preset("nf4")
+    with pytest.raises(ConfigError, match="reduce-overhead with compile_scope blocks.*set compile_scope: transformer"):
+        dataclasses.replace(nf4, compile_mode="reduce-overhead")
+    assert dataclasses.replace(nf4, compile_mode="reduce-overhead", compile_scope="transformer").compile_scope == \
+        "transformer"
+
+
 def test_a_preset_that_is_not_yaml_is_refused(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: [unclosed")

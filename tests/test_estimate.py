@@ -164,13 +164,14 @@ def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
 def test_each_lever_changes_only_its_own_fields():
     # the baseline's fluxkit_<lever> variants and --levers alone load from these settings
     preset, spec = load_preset("nf4"), load_placement("resident")
-    settings = lever_settings("nf4", "resident", ("eager", "whole-transformer", "untiled-decode"))
-    assert list(settings) == ["eager", "whole-transformer", "untiled-decode"]
+    settings = lever_settings("nf4", "resident", ("eager", "whole-transformer", "untiled-decode", "cuda-graphs"))
+    assert list(settings) == ["eager", "whole-transformer", "untiled-decode", "cuda-graphs"]
     changed = {lever: ({f.name for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(preset, f.name)},
                        {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(spec, f.name)})
                for lever, (p, s) in settings.items()}
     assert changed == {"eager": ({"compile"}, set()), "whole-transformer": ({"compile_scope"}, set()),
-                       "untiled-decode": (set(), {"vae_tile_size"})}
+                       "untiled-decode": (set(), {"vae_tile_size"}),
+                       "cuda-graphs": ({"compile_mode", "compile_scope"}, set())}  # graphs of whole steps only
     assert settings["whole-transformer"][0].compile_scope == "transformer" and preset.compile_scope == "blocks"
 
 

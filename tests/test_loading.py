@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fluxkit import VortexInitializationError, load_flux_schnell, load_placement, load_preset
-from fluxkit.fastpath import compile_components
+from fluxkit.fastpath import compile_components, compile_options
 from fluxkit.hub import DOWNLOAD_PATTERNS, resolve_model
 from fluxkit.loading import COMPILE_STAGE, check_fits, load_failure
 from fluxkit.memory import GB, GIB, count_quantized_linears
@@ -55,6 +55,15 @@ def test_the_compile_scope_picks_what_torch_compile_wraps(tiny_dir, scope):
     assert (pipe.transformer._compiled_call_impl is not None) == (scope == "transformer")
     assert wrapped == [scope == "blocks"] * len(blocks)
     assert pipe.vae.decoder._compiled_call_impl is not None
+
+
+def test_cuda_graphs_for_the_transformer_never_for_the_tiled_decoder():
+    """The decoder runs once per tile: a CUDA-graph replay per tile would overwrite the tile before it (H200, run
+    18: "accessing tensor output of CUDAGraphs that has been overwritten" in the decoder)."""
+    transformer, decoder = compile_options("reduce-overhead")
+    assert transformer == {"fullgraph": True, "mode": "reduce-overhead"} and decoder == {"fullgraph": True, "mode": None}
+    assert compile_options("max-autotune-no-cudagraphs")[1]["mode"] == "max-autotune-no-cudagraphs"
+    assert compile_options("default") == ({"fullgraph": True, "mode": None},) * 2
 
 
 def test_nf4_transformer_of_the_real_model_by_plan():
