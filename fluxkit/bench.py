@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import time
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from .checks import check_number
 from .config import LEVERS, load_placement, load_preset
-from .errors import InputError
+from .errors import FluxkitError, InputError, one_line
 from .generation import FluxModel
 from .metrics import psnr, summarize
 from .sampling import PHASES
@@ -186,10 +187,6 @@ def _load_each(factories: dict) -> tuple[dict, dict, dict]:
     """Call each factory in turn: the variants, the GPU bytes each added (None on a CPU), and why each one that
     failed to load (a compile this device cannot do, memory) did not. The first is what the others are compared
     with: it must load."""
-    import gc
-
-    from .errors import FluxkitError
-
     cuda = torch.cuda.is_available()
     variants, resident, skipped = {}, {}, {}
     for i, (name, factory) in enumerate(factories.items()):
@@ -199,7 +196,7 @@ def _load_each(factories: dict) -> tuple[dict, dict, dict]:
         except (FluxkitError, RuntimeError) as err:  # the rest still run; the result says why this one did not
             if i == 0:
                 raise
-            skipped[name] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            skipped[name] = one_line(err)
         if name in skipped:  # out of the except block: its traceback no longer holds the partial model
             gc.collect()
             if cuda:

@@ -333,10 +333,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "sweep.partial.jsonl"  # each row as it is measured; gone once sweep.json is written
     partial.unlink(missing_ok=True)
-    axis = {"both": (True, False), "on": (True,), "off": (False,), "quantized": (True,), "bf16": (False,)}
-    result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement), axis[args.t5]),
+    t5 = {"both": (True, False), "quantized": (True,), "bf16": (False,)}[args.t5]
+    compiled = {"both": (True, False), "on": (True,), "off": (False,)}[args.compile]
+    result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement), t5),
                    load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts, args.variant_timeout,
-                   partial, axis[args.compile])
+                   partial, compiled)
     result["fits"] = fits(result, args.budget_gb)
     (args.out / "sweep.json").write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     write_csv(result, args.out / "sweep.csv")

@@ -10,6 +10,12 @@ from __future__ import annotations
 DEFAULT_LOAD_REMEDY = "pass a valid value for the argument named in the message"
 
 
+def one_line(err: BaseException) -> str:
+    """An error as `Type: message` on one line: a result row or a wrapping error keeps the whole reason, not the
+    last line of a multi-line compiler message."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 class FluxkitError(Exception):
     """Base of every error fluxkit raises on purpose."""
 

@@ -3,8 +3,9 @@
 Regional compilation (diffusers' `compile_repeated_blocks`) traces one double-stream and one
 single-stream block and reuses them for all 57, so compiling costs seconds rather than the minutes a
 whole-model compile takes. A preset's `compile_scope: transformer` compiles the whole transformer instead,
-as the FACTS baseline did (NF4 4 steps 0.185 s there, against ~0.4 s of denoise measured with regional
-compilation; both H200, full-size random weights): the `whole-transformer` lever of `fluxkit bench --levers` measures the two side by side.
+as the FACTS baseline did; measured side by side (H200, full-size synthetic checkpoint, run 17) it took the NF4
+denoise from 0.358 to 0.305 s but moved the images to 30.2 dB from eager NF4's, so `blocks` stays the default.
+CUDA graphs (`compile_mode: reduce-overhead`) need the whole transformer compiled (preset validation says why).
 Compiled kernels go to a persistent cache (fluxkit's cache folder unless TORCHINDUCTOR_CACHE_DIR is set),
 so a restarted process reuses them. `load_flux_schnell` runs one warm-up call after compiling, so no
 caller's first image pays for compilation. What each lever was predicted and measured to give is in

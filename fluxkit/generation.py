@@ -184,8 +184,8 @@ class FluxModel:
             with torch.inference_mode():
                 image = self._phases(request, buffer, record)
         except torch.OutOfMemoryError:
-            failure, out_of_memory = "CUDA out of memory during generate; memory was released and the model is still " \
-                                     "usable", True
+            out_of_memory = True
+            failure = "CUDA out of memory during generate; memory was released and the model is still usable"
         except RuntimeError as err:
             if "CUDA" not in str(err) and "cuda" not in str(err):
                 raise

@@ -30,6 +30,7 @@ from .errors import (
     LoadInputError,
     LoadInputTypeError,
     VortexInitializationError,
+    one_line,
 )
 from .fastpath import compile_components, warm_up
 from .generation import FluxModel
@@ -260,7 +261,7 @@ class LoadStages:
 def load_failure(source: str, preset: Preset, stage: str, err: Exception) -> VortexInitializationError:
     """The error for a load that failed other than by running out of memory, with the remedy for where it failed:
     a compiler that cannot build this preset's kernels is no sign of a damaged checkpoint."""
-    cause = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    cause = one_line(err)
     if stage == COMPILE_STAGE:
         return VortexInitializationError(
             f"torch.compile of {source} ({preset.name}) failed during the {stage}: {cause}",

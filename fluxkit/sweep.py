@@ -24,7 +24,7 @@ import torch
 
 from .bench import DEFAULT_PROMPT, call_prompt
 from .config import SWEEP_VARIANT_TIMEOUT_S, Preset, available_presets, load_placement, load_preset
-from .errors import FluxkitError, InputError
+from .errors import FluxkitError, InputError, one_line
 from .images import load_png, save_png
 from .memory import GB, device_available, release_device_memory
 from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
@@ -333,7 +333,7 @@ def _main() -> None:
         row = measure_variant(args.model, args.device, variant, load_prompts(args.prompts), args.iterations,
                               Path(args.images))
     except (FluxkitError, RuntimeError) as err:  # the whole reason, on one line, for the sweep's row
-        row = {"error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
+        row = {"error": one_line(err)}
     print(json.dumps(row))
 
 
