@@ -37,8 +37,9 @@ COMPILE_SCOPES = ("blocks", "transformer")
 # One fast-path lever each: the preset fields and placement fields it changes (notes/fast_path.md says what each
 # is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
 LEVERS = {
-    "eager": ({"compile": False}, {}),
-    "cuda-graphs": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer"}, {}),
+    "eager": ({"compile": False, "cuda_graphs": False}, {}),
+    "no-cuda-graphs": ({"cuda_graphs": False}, {}),
+    "reduce-overhead": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer", "cuda_graphs": False}, {}),
     "untiled-decode": ({}, {"vae_tile_size": None}),
     "whole-transformer": ({"compile_scope": "transformer"}, {}),
 }
@@ -141,6 +142,8 @@ class Preset:
     compile: bool = True
     compile_mode: str = "default"
     compile_scope: str = "blocks"
+    # Each phase's device work replayed from CUDA graphs (fastpath.GraphedCall) where the placement allows it.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -154,6 +157,10 @@ class Preset:
                               "CUDA-graph replay overwrites the output of the block before it (\"accessing tensor "
                               "output of CUDAGraphs that has been overwritten\" on an H200); set compile_scope: "
                               "transformer")
+        if self.cuda_graphs and self.compile and self.compile_mode == "reduce-overhead":
+            raise ConfigError(f"preset {self.name}: cuda_graphs with compile_mode reduce-overhead: a graph would be "
+                              "captured around torch.compile's own; choose one (cuda_graphs: true keeps "
+                              "compile_scope: blocks and its images)")
         if self.compile and self.quantization.backend == "layerwise_casting":
             raise ConfigError(f"preset {self.name}: compile=true with layerwise casting: diffusers casts each layer's "
                               "weights inside its forward (module.to), which torch.compile(fullgraph=True) refuses "

@@ -31,9 +31,10 @@ from .sampling import (
     check_inputs,
     decode,
     denoise,
-    encode,
+    embed,
     make_schedule,
     prepare_latents,
+    tokenize,
 )
 
 log = logging.getLogger("fluxkit")
@@ -114,9 +115,10 @@ class FluxModel:
         self.dtype = dtype
         self.load_seconds = load_seconds
         self.load_stages: dict[str, float] = {}  # seconds per load stage, in order (loading.LoadStages)
-        self.compile_seconds: float | None = None  # the warm-up call that compiled the fast path, if any
+        self.compile_seconds: float | None = None  # the warm-up call that compiled and captured the fast path, if any
         self.load_memory = load_memory
         self.modulation = modulation
+        self.graphed: dict = {}  # phase call -> fastpath.GraphedCall, where the preset's cuda_graphs apply
         self.prompt_cache = PromptCache(preset.prompt_cache_size)
         self._schedules: dict[tuple[int, int], Schedule] = {}
         self._lock = threading.Lock()
@@ -153,7 +155,8 @@ class FluxModel:
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
                 "load_stages_s": {stage: round(s, 3) for stage, s in self.load_stages.items()},
-                "compiled": self.compile_seconds is not None, "compile_seconds": self.compile_seconds}
+                "compiled": self.preset.compile and self.device.type == "cuda", "compile_seconds": self.compile_seconds,
+                "cuda_graphs": bool(self.graphed)}
 
     # ---- generate -------------------------------------------------------------------------------------
 
@@ -208,11 +211,11 @@ class FluxModel:
         with self._phase("denoise", record):
             latents, image_ids = prepare_latents(request, pipe.transformer.config.in_channels // 4,
                                                  pipe.vae_scale_factor, self.device, self.dtype)
-            latents = denoise(pipe.transformer, latents, image_ids, cond, uncond,
+            latents = denoise(self.graphed.get("transformer", pipe.transformer), latents, image_ids, cond, uncond,
                               self._schedule(request.num_inference_steps, latents.shape[1]), request.true_cfg_scale,
                               self.modulation)
         with self._phase("decode", record):
-            image = decode(pipe.vae, latents, request.height, request.width, pipe.vae_scale_factor)
+            image = self.graphed.get("decode", decode)(pipe.vae, latents, request.height, request.width, pipe.vae_scale_factor)
         with self._phase("copy", record):
             if buffer is None:
                 return image.to(torch.float32).contiguous()
@@ -225,7 +228,10 @@ class FluxModel:
         if cached is not None:
             record.prompt_cache_hits += 1
             return cached.to(self.device)
-        embeddings = encode(self.pipe, text, key[1], self.device, self.dtype, label)
+        clip_ids, t5_ids = tokenize(self.pipe, text, key[1], label)
+        embeddings = PromptEmbeddings(*self.graphed.get("embed", embed)(
+            self.pipe.text_encoder, self.pipe.text_encoder_2, clip_ids.to(self.device), t5_ids.to(self.device),
+            self.device, self.dtype))
         self.prompt_cache.put(key, embeddings)
         return embeddings
 

@@ -32,7 +32,7 @@ from .errors import (
     VortexInitializationError,
     one_line,
 )
-from .fastpath import compile_components, warm_up
+from .fastpath import compile_components, graphed_calls, graphs_unsupported, warm_up
 from .generation import FluxModel
 from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
@@ -227,7 +227,7 @@ def check_fits(plan: Plan, available: int, vram_limit_gb: float | None) -> None:
 
 # ---- load -------------------------------------------------------------------------------------------
 
-CHECKS_STAGE, COMPILE_STAGE = "checks and plan", "compile warm-up call"
+CHECKS_STAGE, COMPILE_STAGE = "checks and plan", "fast-path warm-up call"
 
 
 def weight_seconds(stages: dict[str, float]) -> float:
@@ -260,13 +260,19 @@ class LoadStages:
 
 def load_failure(source: str, preset: Preset, stage: str, err: Exception) -> VortexInitializationError:
     """The error for a load that failed other than by running out of memory, with the remedy for where it failed:
-    a compiler that cannot build this preset's kernels is no sign of a damaged checkpoint."""
+    a compiler that cannot build this preset's kernels, or a call a CUDA graph cannot capture, is no sign of a
+    damaged checkpoint."""
     cause = one_line(err)
     if stage == COMPILE_STAGE:
+        levers = [name for name, on in (("torch.compile", preset.compile), ("CUDA graph capture", preset.cuda_graphs))
+                  if on]
+        switches = [f"`{key}: false`" for key, on in (("compile", preset.compile), ("cuda_graphs", preset.cuda_graphs))
+                    if on]
         return VortexInitializationError(
-            f"torch.compile of {source} ({preset.name}) failed during the {stage}: {cause}",
-            remediation=f"run {preset.name} eager (`compile: false` in its preset file; `fluxkit sweep --compile off`),"
-                        " which loads the same weights; if eager runs, report this message to fluxkit")
+            f"{' and '.join(levers)} of {source} ({preset.name}) failed during the {stage}: {cause}",
+            remediation=f"run {preset.name} without it ({' or '.join(switches)} in its preset file; "
+                        "`fluxkit sweep --compile off`), which loads the same weights; if that runs, report this "
+                        "message to fluxkit")
     return VortexInitializationError(
         f"Loading {source} failed: {cause}",
         remediation="rebuild or re-download the checkpoint (`fluxkit synth`, `fluxkit download`); if it is "
@@ -420,6 +426,16 @@ def load_flux_schnell(device: str | torch.device = "cuda", quantization: str | P
         raise
 
 
+def _graphed_calls(pipe, spec: PlacementSpec) -> dict:
+    """The phase calls to replay from CUDA graphs, none where the placement rules them out (logged, as compile on
+    a CPU is)."""
+    reason = graphs_unsupported(spec)
+    if reason:
+        log.info("cuda_graphs off under placement %s: %s", spec.name, reason)
+        return {}
+    return graphed_calls(pipe)
+
+
 def _load(device, quantization, model, placement, revision, vram_limit_gb, preflight_check) -> FluxModel:
     preset, spec, vram_limit_gb = _check_arguments(quantization, placement, model, revision, vram_limit_gb,
                                                    preflight_check)
@@ -459,9 +475,12 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
             pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype, stages)
             model = FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
                               load_seconds=0.0, load_memory=None, modulation=tables)
-            if preset.compile and dev.type == "cuda":
+            if dev.type == "cuda" and (preset.compile or preset.cuda_graphs):
                 stage = COMPILE_STAGE
-                compile_components(pipe, preset.compile_mode, preset.compile_scope)
+                if preset.compile:
+                    compile_components(pipe, preset.compile_mode, preset.compile_scope)
+                if preset.cuda_graphs:
+                    model.graphed = _graphed_calls(pipe, spec)
                 model.compile_seconds = warm_up(model)
                 stages.done(COMPILE_STAGE)
     except torch.OutOfMemoryError:

@@ -1,4 +1,4 @@
-"""One image from a prompt as plain functions: check_inputs, encode, prepare, denoise, decode.
+"""One image from a prompt as plain functions: check_inputs, tokenize, embed, prepare, denoise, decode.
 
 `check_inputs` refuses bad input before any device work and returns a frozen `GenerationRequest`;
 the other functions take components and tensors and return tensors, chained by `FluxModel`, so a
@@ -169,9 +169,8 @@ def _warn_truncation(tokenizer, text: str, limit: int, label: str, encoder: str)
                     f", from the first {MAX_TOKENIZED_CHARS} characters" if len(text) == MAX_TOKENIZED_CHARS else "")
 
 
-def encode(pipe, text: str, max_sequence_length: int, device: torch.device, dtype: torch.dtype,
-           label: str = "Prompt") -> PromptEmbeddings:
-    """CLIP pooled and T5 embeddings of one prompt.
+def tokenize(pipe, text: str, max_sequence_length: int, label: str = "Prompt") -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP and T5 token ids of one prompt, padded to their fixed lengths (so every prompt has one shape).
 
     Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._get_clip_prompt_embeds and
     _get_t5_prompt_embeds, without their untruncated re-tokenization, which writes the removed text
@@ -182,11 +181,20 @@ def encode(pipe, text: str, max_sequence_length: int, device: torch.device, dtyp
     _warn_truncation(pipe.tokenizer_2, text, max_sequence_length, label, "T5")
     clip_ids = pipe.tokenizer(text, padding="max_length", max_length=CLIP_MAX_TOKENS, truncation=True,
                               return_tensors="pt").input_ids
-    pooled = pipe.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
     t5_ids = pipe.tokenizer_2(text, padding="max_length", max_length=max_sequence_length, truncation=True,
                               return_tensors="pt").input_ids
-    embeds = pipe.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
-    return PromptEmbeddings(embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype))
+    return clip_ids, t5_ids
+
+
+def embed(text_encoder, text_encoder_2, clip_ids: torch.Tensor, t5_ids: torch.Tensor, device: torch.device,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 hidden states and CLIP pooled output of token ids already on `device` (PromptEmbeddings' fields).
+
+    Adapted from the same two diffusers functions as `tokenize`.
+    """
+    pooled = text_encoder(clip_ids, output_hidden_states=False).pooler_output
+    embeds = text_encoder_2(t5_ids, output_hidden_states=False)[0]
+    return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
 
 
 # ---- denoise ----------------------------------------------------------------------------------------

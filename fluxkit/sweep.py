@@ -46,7 +46,8 @@ class Variant:
     preset: str
     t5_quantized: bool
     placement: str
-    compiled: bool | None = None  # None: as the preset says (compilation only acts on a CUDA device)
+    # None: as the preset says (compilation and CUDA graphs only act on a CUDA device); False: neither
+    compiled: bool | None = None
 
     @property
     def name(self) -> str:
@@ -56,7 +57,7 @@ class Variant:
     def resolved_preset(self) -> Preset:
         preset = load_preset(self.preset)
         if self.compiled is not None:
-            preset = dataclasses.replace(preset, compile=self.compiled)
+            preset = dataclasses.replace(preset, compile=self.compiled, cuda_graphs=preset.cuda_graphs and self.compiled)
         if self.t5_quantized:
             return preset
         components = tuple(c for c in preset.quantization.components if c != "text_encoder_2")
@@ -116,8 +117,8 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
         times.append(time.perf_counter() - t0)
         peaks.append(m.last_call.peak_reserved)
     row = {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
-           "placement": variant.placement, "compiled": m.compile_seconds is not None,
-           "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
+           "placement": variant.placement, "compiled": m.info()["compiled"],
+           "cuda_graphs": m.info()["cuda_graphs"], "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
            "load_s": load_s, "load_stages_s": m.load_stages, "weights_load_s": weight_seconds(m.load_stages),
            "gguf_write_s": gguf_write_s,
            "compile_s": m.compile_seconds, "resident_bytes": resident,

@@ -9,13 +9,13 @@
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
 #   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
 #   cotenancy      tests/test_gpu_cotenancy.py
-#   model-tests    tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
+#   model-tests    tests/test_gpu_graphs.py, tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
 #   references-P   render reference_images/ for the full checkpoint (nf4) under placement P (validate-P compares to them)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16 (and fluxkit with each of
 #                  BASELINE_LEVERS changed), interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
-#   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, CUDA graphs,
+#   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, no CUDA graphs,
 #                  an untiled decode and the whole transformer compiled, interleaved in one process
 #   restart        fresh processes to their first image (vortex): empty compile cache, then warm; then warm from a
 #                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing
@@ -43,7 +43,7 @@ for step in "$@"; do
   case $step in
     cotenancy|model-tests)
       files=tests/test_gpu_cotenancy.py
-      [ "$step" = model-tests ] && files="tests/test_gpu_model.py tests/test_gpu_placements.py"
+      [ "$step" = model-tests ] && files="tests/test_gpu_graphs.py tests/test_gpu_model.py tests/test_gpu_placements.py"
       for f in $files; do  # each in a fresh process
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
       done ;;
@@ -54,7 +54,7 @@ for step in "$@"; do
                 ${BASELINE_LEVERS:+--levers ${BASELINE_LEVERS//,/ }} --json "$LOGS/side_by_side_$GPU.json" ;;
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations ${BENCH_ITERATIONS:-50} \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
-    levers-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager cuda-graphs \
+    levers-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager no-cuda-graphs \
                 untiled-decode whole-transformer --iterations ${BENCH_ITERATIONS:-50} --rounds 10 --json "$LOGS/levers_${step#levers-}_$GPU.json" ;;
     probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
       python3 -m fluxkit.profiling -v --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;

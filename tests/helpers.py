@@ -1,6 +1,7 @@
 """Helpers shared by the tests: the CLI in a subprocess, folder digests, damaged checkpoints, fast validate settings."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -42,3 +43,13 @@ def t5_unquantized(name: str = "nf4"):
 
 def with_budgets(preset, **changes):
     return dataclasses.replace(preset, budgets=dataclasses.replace(preset.budgets, **changes))
+
+
+@contextlib.contextmanager
+def uncaptured(model):
+    """The model's calls without its CUDA graphs, through the same compiled modules: what the graphs must equal."""
+    graphed, model.graphed = model.graphed, {}
+    try:
+        yield model
+    finally:
+        model.graphed = graphed

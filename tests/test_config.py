@@ -73,8 +73,16 @@ def test_cuda_graphs_need_the_whole_transformer_compiled():
     nf4 = load_preset("nf4")
     with pytest.raises(ConfigError, match="reduce-overhead with compile_scope blocks.*set compile_scope: transformer"):
         dataclasses.replace(nf4, compile_mode="reduce-overhead")
-    assert dataclasses.replace(nf4, compile_mode="reduce-overhead", compile_scope="transformer").compile_scope == \
-        "transformer"
+    assert dataclasses.replace(nf4, compile_mode="reduce-overhead", compile_scope="transformer",
+                               cuda_graphs=False).compile_scope == "transformer"
+
+
+def test_fluxkit_s_cuda_graphs_and_torch_compile_s_are_one_or_the_other():
+    nf4 = load_preset("nf4")
+    assert nf4.cuda_graphs and load_preset("bf16").cuda_graphs  # the measured default (notes/fast_path.md)
+    with pytest.raises(ConfigError, match="cuda_graphs with compile_mode reduce-overhead.*choose one"):
+        dataclasses.replace(nf4, compile_mode="reduce-overhead", compile_scope="transformer")
+    assert dataclasses.replace(nf4, compile=False).cuda_graphs  # graphs of the eager path are allowed
 
 
 def test_a_preset_that_is_not_yaml_is_refused(tmp_path):

@@ -157,21 +157,24 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
 
 def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
     with pytest.raises(InputError,
-                       match="turbo: no such lever; choose from eager, cuda-graphs, untiled-decode, whole-transformer"):
+                       match="turbo: no such lever; choose from eager, no-cuda-graphs, reduce-overhead, untiled-decode, "
+                             "whole-transformer"):
         load_levers(str(tiny_dir), "cpu", levers=("eager", "turbo"))
 
 
 def test_each_lever_changes_only_its_own_fields():
     # the baseline's fluxkit_<lever> variants and --levers alone load from these settings
     preset, spec = load_preset("nf4"), load_placement("resident")
-    settings = lever_settings("nf4", "resident", ("eager", "whole-transformer", "untiled-decode", "cuda-graphs"))
-    assert list(settings) == ["eager", "whole-transformer", "untiled-decode", "cuda-graphs"]
+    levers = ("eager", "whole-transformer", "untiled-decode", "no-cuda-graphs", "reduce-overhead")
+    settings = lever_settings("nf4", "resident", levers)
+    assert list(settings) == list(levers)
     changed = {lever: ({f.name for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(preset, f.name)},
                        {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(spec, f.name)})
                for lever, (p, s) in settings.items()}
-    assert changed == {"eager": ({"compile"}, set()), "whole-transformer": ({"compile_scope"}, set()),
-                       "untiled-decode": (set(), {"vae_tile_size"}),
-                       "cuda-graphs": ({"compile_mode", "compile_scope"}, set())}  # graphs of whole steps only
+    assert changed == {"eager": ({"compile", "cuda_graphs"}, set()), "whole-transformer": ({"compile_scope"}, set()),
+                       "untiled-decode": (set(), {"vae_tile_size"}), "no-cuda-graphs": ({"cuda_graphs"}, set()),
+                       # torch.compile's graphs need the whole transformer, and replace fluxkit's own
+                       "reduce-overhead": ({"compile_mode", "compile_scope", "cuda_graphs"}, set())}
     assert settings["whole-transformer"][0].compile_scope == "transformer" and preset.compile_scope == "blocks"
 
 
@@ -182,9 +185,9 @@ def test_a_variant_that_fails_to_load_is_kept_with_its_reason():
     def fails():
         raise RuntimeError("BackendCompilerFailed: no kernel for this card\nlong traceback")
 
-    variants, resident, skipped = _load_each({"plain": object, "fluxkit_cuda-graphs": fails, "fluxkit": object})
+    variants, resident, skipped = _load_each({"plain": object, "fluxkit_reduce-overhead": fails, "fluxkit": object})
     assert list(variants) == ["plain", "fluxkit"] and set(resident) == {"plain", "fluxkit"}
-    assert skipped == {"fluxkit_cuda-graphs": "RuntimeError: BackendCompilerFailed: no kernel for this card long "
+    assert skipped == {"fluxkit_reduce-overhead": "RuntimeError: BackendCompilerFailed: no kernel for this card long "
                                               "traceback"}  # the whole message, on one line
     with pytest.raises(RuntimeError, match="no kernel"):  # what the others are compared with must load
         _load_each({"plain": fails, "fluxkit": object})

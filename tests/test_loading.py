@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from fluxkit import VortexInitializationError, load_flux_schnell, load_placement, load_preset
-from fluxkit.fastpath import compile_components, compile_options
+from fluxkit.fastpath import compile_components, compile_options, graphs_unsupported
 from fluxkit.hub import DOWNLOAD_PATTERNS, resolve_model
 from fluxkit.loading import COMPILE_STAGE, check_fits, load_failure
 from fluxkit.memory import GB, GIB, count_quantized_linears
@@ -66,6 +67,15 @@ def test_cuda_graphs_for_the_transformer_never_for_the_tiled_decoder():
     assert compile_options("default") == ({"fullgraph": True, "mode": None},) * 2
 
 
+def test_cuda_graphs_only_where_a_call_is_fixed_device_work(tiny_model):
+    """A graph replays the device work it captured: placements that move weights from the host during a call
+    cannot be replayed, and on a CPU there is nothing to capture."""
+    assert graphs_unsupported(load_placement("resident")) is None
+    assert "T5 streams" in graphs_unsupported(load_placement("vortex"))
+    assert "move between host and GPU" in graphs_unsupported(load_placement("offload"))
+    assert tiny_model.preset.cuda_graphs and not tiny_model.info()["cuda_graphs"] and tiny_model.graphed == {}
+
+
 def test_nf4_transformer_of_the_real_model_by_plan():
     plan = plan_placement(meta_model("full"), load_preset("nf4"), load_placement("resident"))
     # double quantization: 5.72 GiB measured on an H200 (reports/H200-synthetic-full-nf4/extra)
@@ -112,15 +122,19 @@ def test_bad_arguments_are_load_failures_that_name_the_argument(tiny_dir, kwargs
         assert isinstance(info.value, error)
 
 
-def test_a_failed_compile_is_not_blamed_on_the_checkpoint():
-    """Run 17 (H200): fp8-layerwise's compile warm-up failed and the error told the user to rebuild the checkpoint."""
-    preset = load_preset("fp8-layerwise")
+def test_a_failed_fast_path_is_not_blamed_on_the_checkpoint():
+    """Run 17 (H200): a compile warm-up failed and the error told the user to rebuild the checkpoint. The error names
+    what the warm-up does (torch.compile, CUDA graph capture) and how to turn each off."""
     err = RuntimeError("backend='inductor' raised:\nLoweringException: no float8 cast here\n\nSet TORCH_LOGS")
-    compiled = load_failure("synthetic-full", preset, COMPILE_STAGE, err)
-    assert "torch.compile of synthetic-full (fp8-layerwise) failed during the compile warm-up call" in str(compiled)
+    nf4 = load_preset("nf4")
+    compiled = load_failure("synthetic-full", dataclasses.replace(nf4, cuda_graphs=False), COMPILE_STAGE, err)
+    assert "torch.compile of synthetic-full (nf4) failed during the fast-path warm-up call" in str(compiled)
     assert "\n" not in str(compiled) and "LoweringException: no float8 cast here" in str(compiled)
-    assert "compile: false" in compiled.remediation and "rebuild" not in compiled.remediation
-    damaged = load_failure("synthetic-full", preset, "weight loading", ValueError("header too large"))
+    assert "`compile: false` in" in compiled.remediation and "rebuild" not in compiled.remediation
+    both = load_failure("synthetic-full", nf4, COMPILE_STAGE, err)
+    assert "torch.compile and CUDA graph capture of synthetic-full (nf4)" in str(both)
+    assert "`compile: false` or `cuda_graphs: false`" in both.remediation
+    damaged = load_failure("synthetic-full", nf4, "weight loading", ValueError("header too large"))
     assert "Loading synthetic-full failed: ValueError: header too large" in str(damaged)
     assert "rebuild or re-download" in damaged.remediation
 

@@ -24,6 +24,8 @@ def test_variants_start_with_the_reference_and_cover_the_t5_axis():
     assert unquantized_t5.quantization.components == ("transformer",)
     eager = Variant("nf4", True, "resident", compiled=False)
     assert eager.name == "nf4+eager@resident" and eager.resolved_preset().compile is False
+    assert eager.resolved_preset().cuda_graphs is False  # eager means no fast path at all
+    assert Variant("nf4", True, "resident", compiled=True).resolved_preset().cuda_graphs  # as the preset says
 
 
 def test_the_t5_and_compile_axes_can_be_narrowed():
