@@ -17,7 +17,7 @@
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
 #   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, no CUDA graphs,
 #                  an untiled decode and the whole transformer compiled, interleaved in one process
-#   restart        fresh processes to their first image (vortex): empty compile cache, then warm; then warm from a
+#   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm; then warm from a
 #                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
@@ -64,13 +64,13 @@ for step in "$@"; do
     sweep-*) fluxkit -v sweep --model "$CKPT" --device cuda --placement "${step#sweep-}" --iterations ${SWEEP_ITERATIONS:-20} \
                ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} ${SWEEP_TIMEOUT:+--variant-timeout $SWEEP_TIMEOUT} \
                --compile ${SWEEP_COMPILE:-both} --t5 ${SWEEP_T5:-both} --out "$LOGS/sweep_${step#sweep-}${SWEEP_COMPILE:+_$SWEEP_COMPILE}" ;;
-    restart)
+    restart-*)
       export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-      prequantized=/dev/shm/flux-nf4-vortex
-      [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement vortex --out $prequantized
+      placement=${step#restart-}; prequantized=/dev/shm/flux-nf4-$placement
+      [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement $placement --out $prequantized
       for run in "cold $CKPT" "warm $CKPT" "warm $prequantized"; do
         set -- $run; t0=$EPOCHREALTIME
-        fluxkit -v generate --prompt "restart $1" --model "$2" --device cuda --placement vortex --out "/tmp/$1.png"
+        fluxkit -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
         echo "$1 compile cache, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
       unset TORCHINDUCTOR_CACHE_DIR ;;
