@@ -264,13 +264,12 @@ def load_failure(source: str, preset: Preset, stage: str, err: Exception) -> Vor
     damaged checkpoint."""
     cause = one_line(err)
     if stage == COMPILE_STAGE:
-        levers = [name for name, on in (("torch.compile", preset.compile), ("CUDA graph capture", preset.cuda_graphs))
-                  if on]
-        switches = [f"`{key}: false`" for key, on in (("compile", preset.compile), ("cuda_graphs", preset.cuda_graphs))
-                    if on]
+        levers = [(name, key) for name, key, on in (("torch.compile", "compile", preset.compile),
+                                                    ("CUDA graph capture", "cuda_graphs", preset.cuda_graphs)) if on]
+        switches = " or ".join(f"`{key}: false`" for _, key in levers)
         return VortexInitializationError(
-            f"{' and '.join(levers)} of {source} ({preset.name}) failed during the {stage}: {cause}",
-            remediation=f"run {preset.name} without it ({' or '.join(switches)} in its preset file; "
+            f"{' and '.join(name for name, _ in levers)} of {source} ({preset.name}) failed during the {stage}: {cause}",
+            remediation=f"run {preset.name} without it ({switches} in its preset file; "
                         "`fluxkit sweep --compile off`), which loads the same weights; if that runs, report this "
                         "message to fluxkit")
     return VortexInitializationError(
