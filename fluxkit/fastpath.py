@@ -17,6 +17,7 @@ notes/fast_path.md.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .config import PlacementSpec
 from .sampling import decode, embed
 from .synthetic import cache_root
+
+log = logging.getLogger("fluxkit")
 
 WARMUP_PROMPT = "a warm-up call: compile and tune every kernel once"
 # Runs of a call before its capture: the first compiles, the second runs what a capture will see.
@@ -146,8 +149,13 @@ def _signature(x: object) -> object:
     return ("tensor", tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
 
 
-def graphed_calls(pipe) -> dict[str, GraphedCall]:
-    """The three device phases of a call, each replayed from CUDA graphs: text encoders, transformer, VAE decode."""
+def graphed_calls(pipe, spec: PlacementSpec) -> dict[str, GraphedCall]:
+    """The three device phases of a call, each replayed from CUDA graphs: text encoders, transformer, VAE decode;
+    none where the placement rules them out (logged, as compile on a CPU is)."""
+    reason = graphs_unsupported(spec)
+    if reason:
+        log.info("cuda_graphs off under placement %s: %s", spec.name, reason)
+        return {}
     pool = torch.cuda.graph_pool_handle()
     return {"embed": GraphedCall(embed, pool), "transformer": GraphedCall(pipe.transformer, pool),
             "decode": GraphedCall(decode, pool)}

@@ -215,7 +215,8 @@ class FluxModel:
                               self._schedule(request.num_inference_steps, latents.shape[1]), request.true_cfg_scale,
                               self.modulation)
         with self._phase("decode", record):
-            image = self.graphed.get("decode", decode)(pipe.vae, latents, request.height, request.width, pipe.vae_scale_factor)
+            image = self.graphed.get("decode", decode)(pipe.vae, latents, request.height, request.width,
+                                                       pipe.vae_scale_factor)
         with self._phase("copy", record):
             if buffer is None:
                 return image.to(torch.float32).contiguous()

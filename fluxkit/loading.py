@@ -32,7 +32,7 @@ from .errors import (
     VortexInitializationError,
     one_line,
 )
-from .fastpath import compile_components, graphed_calls, graphs_unsupported, warm_up
+from .fastpath import compile_components, graphed_calls, warm_up
 from .generation import FluxModel
 from .hub import DEFAULT_MODEL, ModelSource, resolve_model
 from .memory import GB, PhaseMemory, release_device_memory, track_phase
@@ -425,16 +425,6 @@ def load_flux_schnell(device: str | torch.device = "cuda", quantization: str | P
         raise
 
 
-def _graphed_calls(pipe, spec: PlacementSpec) -> dict:
-    """The phase calls to replay from CUDA graphs, none where the placement rules them out (logged, as compile on
-    a CPU is)."""
-    reason = graphs_unsupported(spec)
-    if reason:
-        log.info("cuda_graphs off under placement %s: %s", spec.name, reason)
-        return {}
-    return graphed_calls(pipe)
-
-
 def _load(device, quantization, model, placement, revision, vram_limit_gb, preflight_check) -> FluxModel:
     preset, spec, vram_limit_gb = _check_arguments(quantization, placement, model, revision, vram_limit_gb,
                                                    preflight_check)
@@ -479,7 +469,7 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
                 if preset.compile:
                     compile_components(pipe, preset.compile_mode, preset.compile_scope)
                 if preset.cuda_graphs:
-                    model.graphed = _graphed_calls(pipe, spec)
+                    model.graphed = graphed_calls(pipe, spec)
                 model.compile_seconds = warm_up(model)
                 stages.done(COMPILE_STAGE)
     except torch.OutOfMemoryError:

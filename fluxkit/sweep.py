@@ -116,9 +116,10 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
         m.generate(call_prompt(DEFAULT_PROMPT, i), seed=i)
         times.append(time.perf_counter() - t0)
         peaks.append(m.last_call.peak_reserved)
+    info = m.info()
     row = {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
-           "placement": variant.placement, "compiled": m.info()["compiled"],
-           "cuda_graphs": m.info()["cuda_graphs"], "device_name": m.info()["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
+           "placement": variant.placement, "compiled": info["compiled"], "cuda_graphs": info["cuda_graphs"],
+           "device_name": info["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
            "load_s": load_s, "load_stages_s": m.load_stages, "weights_load_s": weight_seconds(m.load_stages),
            "gguf_write_s": gguf_write_s,
            "compile_s": m.compile_seconds, "resident_bytes": resident,
