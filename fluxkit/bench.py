@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import re
+import statistics
 import time
 
 import numpy as np
@@ -22,10 +24,18 @@ from .config import LEVERS, load_placement, load_preset
 from .errors import FluxkitError, InputError, one_line
 from .generation import FluxModel
 from .metrics import psnr, summarize
-from .sampling import PHASES
+from .sampling import PHASE_RANGE, PHASES
 
 DEFAULT_PROMPT = "manic scientist, blue spiked hair, white lab coat"
 BOOTSTRAP_RESAMPLES = 2000
+KERNEL_CALLS = 3
+# Kernels whose time scales with a card's tensor throughput: matrix products, attention and convolutions, by the
+# names cuBLAS, cuDNN, CUTLASS, FlashAttention and Inductor's templates give them. bitsandbytes' 4-bit
+# matrix-vector kernel (one token: the modulation vectors) reads weights, so it is memory-bound like the rest.
+MATRIX_KERNELS = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|flash|fmha|attention|sdpa|conv|fprop|cudnn|triton_tem",
+                            re.IGNORECASE)
+VECTOR_KERNELS = re.compile(r"gemv|inference_naive", re.IGNORECASE)
+HOST_COPIES = re.compile(r"^Memcpy (HtoD|DtoH)")
 
 
 def call_prompt(prompt: str, i: int) -> str:
@@ -48,6 +58,55 @@ def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: i
     return {"iterations": rows, "summary": summary}
 
 
+def kernel_class(name: str) -> str:
+    """"compute", "memory" or "host link": the roofline a GPU activity of this name is bound by."""
+    if HOST_COPIES.match(name):
+        return "host link"
+    if MATRIX_KERNELS.search(name) and not VECTOR_KERNELS.search(name):
+        return "compute"
+    return "memory"
+
+
+def phase_kernel_seconds(activities: list[tuple[str, int, int]], windows: dict[str, list[tuple[int, int]]]) -> dict:
+    """Seconds of GPU activity per phase and class: the median over calls of each window's sum. `activities` are
+    (name, start ns, duration ns) on the GPU, `windows` each phase's (start ns, end ns) per call on the host
+    clock; a phase ends with a device synchronization, so its kernels start inside its window."""
+    out = {}
+    for phase, spans in windows.items():
+        per_call = []
+        for start, end in spans:
+            sums = {"compute": 0, "memory": 0, "host link": 0}
+            for name, begin, duration in activities:
+                if start <= begin < end:
+                    sums[kernel_class(name)] += duration
+            per_call.append(sums)
+        out[phase] = {c: statistics.median(call[c] for call in per_call) / 1e9 for c in ("compute", "memory", "host link")}
+    return out
+
+
+def kernel_seconds(model: FluxModel, calls: int = KERNEL_CALLS, prompt: str = DEFAULT_PROMPT, seed: int = 0) -> dict:
+    """GPU time per phase, split by roofline (`phase_kernel_seconds`), from `calls` profiled calls. What a phase
+    took beyond its kernels is time the GPU waited for the host: `fluxkit.estimate` scales the kernels with a
+    card's peaks and keeps the wait as it was."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = model.preset.generation
+    buffer = torch.empty((gen.height, gen.width, 3), dtype=torch.float32)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            model.generate(call_prompt(prompt, 10_000 + i), seed=seed + i, output=buffer)
+    windows, activities = {p: [] for p in PHASES}, []
+    for event in prof.profiler.kineto_results.events():
+        name = event.name()
+        if event.device_type() == DeviceType.CPU and name.startswith(PHASE_RANGE):
+            windows[name[len(PHASE_RANGE):]].append((event.start_ns(), event.start_ns() + event.duration_ns()))
+        elif event.device_type() == DeviceType.CUDA and not name.startswith(PHASE_RANGE):
+            activities.append((name, event.start_ns(), event.duration_ns()))
+    return {"calls": calls, "seconds": phase_kernel_seconds(activities, windows), "activities": len(activities),
+            "window_s": {p: statistics.median(end - start for start, end in spans) / 1e9 for p, spans in windows.items()}}
+
+
 def check_counts(iterations: int, warmup: int) -> None:
     check_number("iterations", iterations, 1, 100_000, integer=True)
     check_number("warmup", warmup, 1, 1000, integer=True)  # one warm-up at least: one-time costs stay out
@@ -59,7 +118,8 @@ def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, promp
     check_counts(iterations, warmup)
     result = {"model": model.info(), "iterations": iterations, "warmup": warmup, "prompt": prompt, "unit": "s",
               "prompts": "distinct per call (no prompt-cache hits)",
-              "plain": _series(model, iterations, warmup, prompt, seed)}
+              "plain": _series(model, iterations, warmup, prompt, seed),
+              "kernels": kernel_seconds(model, prompt=prompt, seed=seed) if model.device.type == "cuda" else None}
     if negative_prompt:
         result["true_cfg"] = _series(model, iterations, warmup, prompt, seed, negative_prompt=negative_prompt,
                                      true_cfg_scale=true_cfg_scale)

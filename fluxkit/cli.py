@@ -301,15 +301,19 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         raise InputError(result["reason"])
     print(f"ESTIMATE from {result['device_name']} ({result['preset']}, {result['placement']}); assumptions: "
           f"{result['assumptions']}")
-    print(f"{'phase':>12} {'TFLOP':>7} {'dev GB':>7} {'link GB':>8} {'measured s':>10} {'bound':>9} {'achieved':>8} "
-          + " ".join(f"{k:>9}" for k in args.gpu))
+    def share(fraction: float | None) -> str:
+        return f"{fraction:>7.1%}" if fraction is not None else f"{'-':>7}"
+
+    print(f"{'phase':>12} {'measured':>9} {'matrix':>8} {'other':>8} {'link':>8} {'wait':>8} {'%tensor':>7} "
+          f"{'%memory':>7} {'%link':>7} " + " ".join(f"{k:>9}" for k in args.gpu))
     for phase, r in result["phases"].items():
-        print(f"{phase:>12} {r['flops'] / 1e12:>7.2f} {r['device_bytes'] / 1e9:>7.2f} {r['link_bytes'] / 1e9:>8.3f} "
-              f"{r['measured_s']:>10.4f} {r['bound']:>9} {r['achieved_fraction']:>8.1%} "
-              + " ".join(f"{r['projected_s'][k]:>9.3f}" for k in args.gpu))
-    print(f"{'P50':>12} {'':>45}{result['measured_p50_s']:>10.4f} {'':>18}"
+        k, f = r["kernel_s"], r["achieved_fraction"]
+        print(f"{phase:>12} {r['measured_s']:>9.4f} {k['compute']:>8.4f} {k['memory']:>8.4f} {k['host link']:>8.4f} "
+              f"{r['wait_s']:>8.4f} {share(f['compute'])} {share(f['memory'])} {share(f['host link'])} "
+              + " ".join(f"{r['projected_s'][key]:>9.3f}" for key in args.gpu))
+    print(f"{'P50':>12} {result['measured_p50_s']:>9.4f} {'':>61}"
           + " ".join(f"{result['projected_p50_s'][k]:>9.3f}" for k in args.gpu))
-    print(f"{'P99':>12} {'':>74}" + " ".join(f"{result['projected_p99_s'][k]:>9.3f}" for k in args.gpu))
+    print(f"{'P99':>12} {'':>71}" + " ".join(f"{result['projected_p99_s'][k]:>9.3f}" for k in args.gpu))
     if "cross_check" in result:
         c = result["cross_check"]
         print(f"cross-check: {c['source']} projected to {c['target']}, against what {c['target']} measured (P50 s)")

@@ -1,17 +1,17 @@
 """Projecting latency to GPUs nobody here has, from measurements on one that is here. An ESTIMATE.
 
-Per phase (text encode, denoise, decode, copy): the floating-point operations (counted with
-`torch.utils.flop_counter.FlopCounterMode` on the components built on the meta device, exact for the
-configs), the bytes the GPU must read from its memory (weights, with bitsandbytes' dequantize-then-
-multiply traffic), and the bytes that must cross the host link (streamed weights, the output copy).
-Measured on one GPU, each phase reaches some fraction of its binding roofline (compute, memory or host
-link, from published peaks). The projection assumes that fraction carries over to the target GPU:
+Per phase (text encode, denoise, decode, copy), a GPU's time splits three ways, measured with the profiler on
+the card at hand (`fluxkit.bench.kernel_seconds`): matrix kernels (products, attention, convolutions), bound
+by tensor throughput; the other kernels, bound by memory bandwidth; and copies over the host link. Each part
+scales with its published peak, and what the phase took beyond its GPU work (the GPU waiting on the host)
+stays as measured:
 
-    t_target = max(flops / F, device_bytes / B, link_bytes / P) on the target / achieved fraction.
+    t_target = max(compute_s * F_src / F_tgt + memory_s * B_src / B_tgt, link_s * P_src / P_tgt) + wait_s
 
-Assumptions, stated in every result: published peaks (configs/gpus.yaml), the same software, launch
-and Python overheads scaling with the phase (pessimistic for slower cards), P99 / P50 as measured.
-The model is checked across cards (measure one Hopper card, project the other, measure it).
+A wall-clock fraction of one roofline would carry the source's host waits into the target's compute term, and
+on a slower card multiply them by the peak ratio (a projection from a host-bound H200 to an RTX 3060: x39).
+The FLOPs (`torch.utils.flop_counter.FlopCounterMode` on meta-device components) and the bytes each phase
+moves give the achieved fraction of each peak on the source, for the record.
 """
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ from .plan import Plan, component_tensors
 from .quantization import converted, keep_in_fp32
 from .sampling import PHASES
 
-ASSUMPTIONS = ("published peak figures (fluxkit/configs/gpus.yaml); each phase keeps the fraction of its binding "
-               "roofline measured on the source GPU; launch and Python overheads scale with the phase (pessimistic "
-               "for slower cards); P99/P50 as measured; same software stack")
+ASSUMPTIONS = ("published peak figures (fluxkit/configs/gpus.yaml); matrix kernels keep the fraction of the tensor "
+               "peak, other kernels the fraction of memory bandwidth, host copies the fraction of the link measured on "
+               "the source GPU, and copies overlap kernels as they did there; the time the GPU waited on the host stays "
+               "as measured (pessimistic for slower cards, which hide it); P99/P50 as measured; same software stack")
+KERNEL_CLASSES = ("compute", "memory", "host link")
 
 
 @dataclass(frozen=True)
@@ -133,27 +135,27 @@ def phase_work(meta: dict[str, torch.nn.Module], preset: Preset, placement: Plac
     return {p: Work(flops[p], device[p], link[p]) for p in PHASES}
 
 
-def _floor(work: Work, spec: GpuSpec) -> tuple[float, str]:
-    terms = {"compute": work.flops / (spec.bf16_tflops * 1e12), "memory": work.device_bytes / (spec.memory_gbps * 1e9),
-             "host link": work.link_bytes / (spec.pcie_gbps * 1e9)}
-    bound = max(terms, key=terms.get)
-    return terms[bound], bound
+def _peaks(spec: GpuSpec) -> dict[str, float]:
+    return {"compute": spec.bf16_tflops * 1e12, "memory": spec.memory_gbps * 1e9, "host link": spec.pcie_gbps * 1e9}
 
 
-def project(work: dict[str, Work], measured_s: dict[str, float], measured_on: str, targets: list[str],
-            p99_over_p50: float) -> dict:
-    """Per phase: achieved fraction of the binding roofline on `measured_on`, and projected seconds on each target."""
-    source = gpu(measured_on)
+def project(work: dict[str, Work], measured_s: dict[str, float], kernel_s: dict[str, dict[str, float]],
+            measured_on: str, targets: list[str], p99_over_p50: float) -> dict:
+    """Per phase: the GPU time per class and the host wait on `measured_on`, the achieved fraction of each peak,
+    and projected seconds on each target."""
+    source = _peaks(gpu(measured_on))
     phases = {}
     for phase in PHASES:
-        floor, bound = _floor(work[phase], source)
-        fraction = floor / measured_s[phase] if measured_s[phase] > 0 else 1.0
-        row = {**asdict(work[phase]), "measured_s": measured_s[phase], "bound": bound, "floor_s": floor,
-               "achieved_fraction": fraction, "projected_s": {}}
+        k, w = kernel_s[phase], work[phase]
+        done = {"compute": w.flops, "memory": w.device_bytes, "host link": w.link_bytes}
+        wait = max(0.0, measured_s[phase] - max(k["compute"] + k["memory"], k["host link"]))
+        row = {**asdict(w), "measured_s": measured_s[phase], "kernel_s": dict(k), "wait_s": wait,
+               "achieved_fraction": {c: done[c] / (source[c] * k[c]) if k[c] > 0 else None for c in KERNEL_CLASSES},
+               "projected_s": {}}
         for key in targets:
-            target_floor, target_bound = _floor(work[phase], gpu(key))
-            row["projected_s"][key] = target_floor / fraction if fraction > 0 else measured_s[phase]
-            row.setdefault("target_bound", {})[key] = target_bound
+            target = _peaks(gpu(key))
+            scaled = {c: k[c] * source[c] / target[c] for c in KERNEL_CLASSES}
+            row["projected_s"][key] = max(scaled["compute"] + scaled["memory"], scaled["host link"]) + wait
         phases[phase] = row
     totals = {key: sum(phases[p]["projected_s"][key] for p in PHASES) for key in targets}
     return {"measured_on": measured_on, "phases": phases, "projected_p50_s": totals,
@@ -164,10 +166,13 @@ def project(work: dict[str, Work], measured_s: dict[str, float], measured_on: st
 def estimate_from_bench(bench: dict, meta: dict, preset: Preset, placement: PlacementSpec, plan: Plan,
                         targets: list[str]) -> dict:
     """Project a `run_benchmark` result (its plain series: per-phase medians) to `targets`."""
+    if not bench.get("kernels"):
+        raise InputError("this benchmark has no GPU kernel times (made on a CPU, or by a fluxkit before projections "
+                         "split them): run `fluxkit bench --json` again on the GPU to project from")
     summary = bench["plain"]["summary"]
     measured = {p: summary[p]["p50"] for p in PHASES}
     work = phase_work(meta, preset, placement, plan, preset.generation)
-    result = project(work, measured, gpu_of(bench["model"]["device_name"]), targets,
+    result = project(work, measured, bench["kernels"]["seconds"], gpu_of(bench["model"]["device_name"]), targets,
                      summary["total"]["p99"] / summary["total"]["p50"])
     result.update(preset=preset.name, placement=placement.name, device_name=bench["model"]["device_name"])
     return result

@@ -24,6 +24,7 @@ from .memory import PhaseMemory, device_snapshot, release_device_memory, track_p
 from .plan import Plan
 from .sampling import (
     MAX_SEED,
+    PHASE_RANGE,
     PHASES,
     GenerationRequest,
     PromptEmbeddings,
@@ -245,7 +246,7 @@ class FluxModel:
     @contextmanager
     def _phase(self, name: str, record: CallRecord):
         """Time one phase, device-synchronized, and record its memory."""
-        with track_phase(self.device, name, record.memory):
+        with track_phase(self.device, name, record.memory), torch.profiler.record_function(PHASE_RANGE + name):
             start = time.perf_counter()
             yield
             if self.device.type == "cuda":

@@ -27,6 +27,7 @@ CLIP_MAX_TOKENS = 77
 MAX_SEED = 2**63 - 1
 MAX_TOKENIZED_CHARS = 8192  # far beyond 512 T5 tokens: longer prompts are cut before tokenizing
 PHASES = ("text_encode", "denoise", "decode", "copy")
+PHASE_RANGE = "fluxkit."  # profiler ranges of the phases are named fluxkit.<phase>
 _BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control, format (zero-width), separators
 
 

@@ -9,7 +9,8 @@
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
 #   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
 #   cotenancy      tests/test_gpu_cotenancy.py
-#   model-tests    tests/test_gpu_graphs.py, tests/test_gpu_model.py and tests/test_gpu_placements.py (fresh process each)
+#   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
+#                  process each; MODEL_TESTS names others)
 #   references-P   render reference_images/ for the full checkpoint (nf4) under placement P (validate-P compares to them)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16 (and fluxkit with each of
@@ -18,7 +19,8 @@
 #   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, no CUDA graphs,
 #                  an untiled decode and the whole transformer compiled, interleaved in one process
 #   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm; then warm from a
-#                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing
+#                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing; then
+#                  a warm one under cProfile and -X importtime (restart_P.prof, restart_P_imports.txt)
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
@@ -43,7 +45,7 @@ for step in "$@"; do
   case $step in
     cotenancy|model-tests)
       files=tests/test_gpu_cotenancy.py
-      [ "$step" = model-tests ] && files="tests/test_gpu_graphs.py tests/test_gpu_model.py tests/test_gpu_placements.py"
+      [ "$step" = model-tests ] && files=${MODEL_TESTS:-tests/test_gpu_graphs.py tests/test_gpu_kernels.py tests/test_gpu_model.py tests/test_gpu_placements.py}
       for f in $files; do  # each in a fresh process
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
       done ;;
@@ -73,6 +75,9 @@ for step in "$@"; do
         fluxkit -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
         echo "$1 compile cache, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
+      # where a warm restart goes: each import's time and a profile of the whole process (slower by the profiling)
+      python3 -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
+        --model "$CKPT" --device cuda --placement $placement --out /tmp/profiled.png 2> "$LOGS/restart_${placement}_imports.txt"
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]\|IPKernelApp\|kernels-community\|Loading weights" > "$LOGS/$name.log"

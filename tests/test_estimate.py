@@ -5,7 +5,14 @@ import json
 import pytest
 
 from fluxkit import load_flux_schnell, load_placement, load_preset
-from fluxkit.bench import bootstrap_ratio, lever_settings, load_levers, side_by_side
+from fluxkit.bench import (
+    bootstrap_ratio,
+    kernel_class,
+    lever_settings,
+    load_levers,
+    phase_kernel_seconds,
+    side_by_side,
+)
 from fluxkit.checkpoint import meta_components
 from fluxkit.errors import InputError
 from fluxkit.estimate import Work, count_flops, cross_check, estimate_from_bench, gpu, gpu_of, project
@@ -14,6 +21,7 @@ from fluxkit.sampling import PHASES
 from helpers import PROMPT, run_cli
 
 ZERO = Work(0.0, 0.0, 0.0)
+NO_KERNELS = {"compute": 0.0, "memory": 0.0, "host link": 0.0}
 
 
 def _work(**phases):
@@ -24,19 +32,25 @@ def _measured(**phases):
     return {p: phases.get(p, 0.0) for p in PHASES}
 
 
-def test_a_compute_bound_phase_scales_with_tensor_throughput():
-    result = project(_work(denoise=Work(1e12, 0.0, 0.0)), _measured(denoise=0.01), "h100", ["rtx3060"], 1.0)
+def _kernels(**phases):
+    return {p: {**NO_KERNELS, **phases.get(p, {})} for p in PHASES}
+
+
+def test_matrix_kernels_scale_with_tensor_throughput():
+    result = project(_work(denoise=Work(1e12, 0.0, 0.0)), _measured(denoise=0.01), _kernels(denoise={"compute": 0.01}),
+                     "h100", ["rtx3060"], 1.0)
     row = result["phases"]["denoise"]
-    assert row["bound"] == "compute"
-    assert row["achieved_fraction"] == pytest.approx(1e12 / 989e12 / 0.01)
+    assert row["achieved_fraction"]["compute"] == pytest.approx(1e12 / 989e12 / 0.01)
+    assert row["achieved_fraction"]["memory"] is None and row["wait_s"] == 0
     assert row["projected_s"]["rtx3060"] == pytest.approx(0.01 * 989 / 25.5)  # by hand: same fraction of the peak
 
 
-def test_a_memory_bound_phase_scales_with_bandwidth_and_a_link_bound_one_with_the_link():
-    work = _work(text_encode=Work(0.0, 10e9, 0.0), copy=Work(0.0, 0.0, 3e6))
-    result = project(work, _measured(text_encode=0.01, copy=0.001), "h200", ["rtx3060"], 1.2)
-    assert result["phases"]["text_encode"]["projected_s"]["rtx3060"] == pytest.approx(0.01 * 4800 / 360)
-    assert result["phases"]["copy"]["bound"] == "host link"
+def test_other_kernels_scale_with_bandwidth_and_copies_with_the_link_overlapping_them():
+    kernels = _kernels(text_encode={"memory": 0.01, "host link": 0.02}, copy={"host link": 0.001})
+    result = project(_work(), _measured(text_encode=0.02, copy=0.001), kernels, "h200", ["rtx3060", "h100"], 1.2)
+    text = result["phases"]["text_encode"]["projected_s"]
+    assert text["rtx3060"] == pytest.approx(max(0.01 * 4800 / 360, 0.02 * 50 / 25))  # the kernels bind here
+    assert text["h100"] == pytest.approx(max(0.01 * 4800 / 3350, 0.02))  # the link binds here
     assert result["phases"]["copy"]["projected_s"]["rtx3060"] == pytest.approx(0.001 * 50 / 25)
     total = 0.01 * 4800 / 360 + 0.001 * 50 / 25
     assert result["projected_p50_s"]["rtx3060"] == pytest.approx(total)
@@ -44,13 +58,37 @@ def test_a_memory_bound_phase_scales_with_bandwidth_and_a_link_bound_one_with_th
     assert result["label"] == "ESTIMATE" and "published peak" in result["assumptions"]
 
 
-def test_the_binding_roofline_can_change_between_cards():
-    # 150 FLOP per byte: memory-bound on an H100 (ridge at 295), compute-bound on an RTX 3060 (ridge at 71)
-    work = _work(decode=Work(1.5e12, 10e9, 0.0))
-    row = project(work, _measured(decode=0.006), "h100", ["rtx3060"], 1.0)["phases"]["decode"]
-    assert row["bound"] == "memory" and row["target_bound"]["rtx3060"] == "compute"
-    fraction = (10e9 / 3350e9) / 0.006
-    assert row["projected_s"]["rtx3060"] == pytest.approx(1.5e12 / 25.5e12 / fraction)
+def test_time_the_gpu_waited_on_the_host_is_kept_not_scaled():
+    """A host-bound phase on a fast card: only its GPU work grows on a slower one."""
+    kernels = _kernels(denoise={"compute": 0.06, "memory": 0.04})
+    row = project(_work(), _measured(denoise=0.3), kernels, "h200", ["h100", "rtx3060"], 1.0)["phases"]["denoise"]
+    assert row["wait_s"] == pytest.approx(0.2)
+    assert row["projected_s"]["h100"] == pytest.approx(0.06 + 0.04 * 4800 / 3350 + 0.2)
+    assert row["projected_s"]["rtx3060"] == pytest.approx(0.06 * 989 / 25.5 + 0.04 * 4800 / 360 + 0.2)
+
+
+def test_kernels_are_classed_by_the_roofline_that_binds_them():
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "compute",
+             "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN": "compute",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>": "compute",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3": "compute",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "compute",
+             "triton_poi_fused_add_mul_native_layer_norm_0": "memory",
+             "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*)": "memory",
+             "void kgemm_4bit_inference_naive<__nv_bfloat16, 128, 16>(int, int, int)": "memory",
+             "Memcpy DtoD (Device -> Device)": "memory", "Memset (Device)": "memory",
+             "Memcpy HtoD (Pinned -> Device)": "host link", "Memcpy DtoH (Device -> Pinned)": "host link"}
+    assert {name: kernel_class(name) for name in names} == names
+
+
+def test_kernel_seconds_are_summed_per_phase_window_and_the_median_call_kept():
+    activities = [("nvjet_gemm", 110, 30), ("triton_poi_fused_0", 150, 20), ("Memcpy HtoD (Pinned -> Device)", 105, 40),
+                  ("nvjet_gemm", 210, 50), ("triton_poi_fused_0", 260, 10), ("nvjet_gemm", 310, 70),
+                  ("triton_red_fused_1", 410, 5), ("nvjet_gemm", 500, 1000)]  # the last is outside every window
+    windows = {"denoise": [(100, 200), (200, 300), (300, 400)], "decode": [(400, 450)]}
+    seconds = phase_kernel_seconds(activities, windows)
+    assert seconds["denoise"] == {"compute": 50e-9, "memory": 10e-9, "host link": 0.0}  # medians of three calls
+    assert seconds["decode"] == {"compute": 0.0, "memory": 5e-9, "host link": 0.0}
 
 
 def test_gpus_are_matched_by_device_name():
@@ -81,7 +119,9 @@ def _bench(device_name: str, phase_s: dict, tiny_dir) -> dict:
     summary["total"] = {"p50": total, "p99": 1.1 * total}
     return {"model": {"device_name": device_name, "preset": "nf4", "placement": {"name": "vortex"},
                       "model": {"synthetic": {"preset": "tiny", "seed": 0}, "path": str(tiny_dir)}},
-            "plain": {"summary": summary}}
+            "plain": {"summary": summary},
+            "kernels": {"calls": 3, "seconds": {p: {**NO_KERNELS, "compute": v / 2, "memory": v / 4}
+                                                for p, v in phase_s.items()}}}
 
 
 def test_cross_check_against_the_card_it_projects(tiny_dir):
@@ -95,6 +135,9 @@ def test_cross_check_against_the_card_it_projects(tiny_dir):
     assert check["end_to_end_error"] == pytest.approx(0.0, abs=1e-9) and check["usable"]
     slower = _bench("NVIDIA H100 80GB HBM3", {p: 1.3 * v for p, v in check["measured_s"].items()}, tiny_dir)
     assert not cross_check(source, slower, meta, preset, placement, plan)["usable"]  # 23% off
+    del source["kernels"]  # a bench of a CPU run, or of a fluxkit that did not split the GPU's time
+    with pytest.raises(InputError, match="no GPU kernel times"):
+        estimate_from_bench(source, meta, preset, placement, plan, ["h100"])
 
 
 def test_estimate_cli_from_a_bench_file(tiny_dir, tmp_path):
