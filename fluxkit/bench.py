@@ -277,6 +277,9 @@ def lever_settings(quantization: str, placement: str | None, levers: tuple[str, 
     for lever in levers:
         preset_fields, placement_fields = LEVERS[lever]
         settings[lever] = (dataclasses.replace(preset, **preset_fields), dataclasses.replace(spec, **placement_fields))
+        if settings[lever] == (preset, spec):  # timed beside itself, it would pass for a measured lever
+            raise InputError(f"lever {lever}: preset {preset.name} under {spec.name} already runs that way; drop it, "
+                             "or choose a placement where it changes something")
     return settings
 
 

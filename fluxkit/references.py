@@ -29,7 +29,7 @@ from .version import __version__
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference_images"  # the repository's own set
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the model key records the VAE decode's tile size
 # Measured: tiny references regenerated on another x86-64 CPU differ by 1/255 in 1.6-4.7% of pixels (PSNR
 # 61-66 dB); on this machine with ATEN_CPU_CAPABILITY=default, in ~20% of pixels (PSNR 59-60 dB). 40 dB leaves
 # room for other kernel paths and still catches any real change.
@@ -60,7 +60,7 @@ def reference_key(source: ModelSource, preset: Preset, placement: PlacementSpec,
     quantized = sorted(c for c in q.components if not (c == "text_encoder_2" and placement.text_encoder_2 == "stream"))
     return {**weights, "quantization": preset.name, "backend": q.backend, "quant_type": q.quant_type,
             "double_quant": q.double_quant, "quantized_components": quantized,
-            "dtype": str(dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch."), "vae_tile_size": placement.vae_tile_size}
 
 
 def _slug(key: dict) -> str:
@@ -107,8 +107,9 @@ def build_references(model: FluxModel, ref_dir: Path | None = None, overwrite: b
                       "placement": model.placement.name, "device": model.info()["device_name"], "machine": machine(),
                       "fluxkit_version": __version__, "versions": package_versions(),
                       "sha256": hashlib.sha256((ref_dir / filename).read_bytes()).hexdigest()})
+    # a case of other settings whose file was just written over (the same file name) goes with it
     manifest = {"schema_version": SCHEMA_VERSION,
-                "cases": [c for c in manifest["cases"] if c["model"] != key] + cases}
+                "cases": [c for c in manifest["cases"] if c["model"] != key and c["file"] not in names] + cases}
     (ref_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return cases
 

@@ -7,7 +7,7 @@
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
 #   SWEEP_TIMEOUT (seconds one sweep variant may take), SWEEP_COMPILE and SWEEP_T5 (both, or one side of the axis),
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
-#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name).
+#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, RESTART_COLD, RESTART_PROFILE.
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
 #                  process each; MODEL_TESTS names others)
@@ -17,14 +17,18 @@
 #                  BASELINE_LEVERS changed), interleaved
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
 #   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, no CUDA graphs,
-#                  an untiled decode and the whole transformer compiled, interleaved in one process
+#                  an untiled decode (where P tiles) and the whole transformer compiled, interleaved in one process
 #   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm; then warm from a
 #                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing; then
-#                  a warm one under cProfile and -X importtime (restart_P.prof, restart_P_imports.txt)
+#                  with RESTART_PROFILE=1 a warm one under cProfile and -X importtime (restart_P.prof, restart_P_imports.txt).
+#                  RESTART_COLD=skip: no cold run; the steps before filled the compile cache
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 JUPYTER_PATH="$site/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+# This host sets PYTHONDONTWRITEBYTECODE=1 and its torch has no .pyc files: each process compiled ~4800 source files
+# again (7-8 s of a restart, run 21). pip and conda installs keep bytecode; so do these runs, outside the read-only tree.
+unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
 OUT=${OUT:-/tmp/fluxkit-out}; LOGS=$OUT/logs; mkdir -p "$LOGS"
 CKPT=${CKPT:-/dev/shm/flux-synthetic-full}
 GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').split()[0])")
@@ -56,8 +60,9 @@ for step in "$@"; do
                 ${BASELINE_LEVERS:+--levers ${BASELINE_LEVERS//,/ }} --json "$LOGS/side_by_side_$GPU.json" ;;
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations ${BENCH_ITERATIONS:-50} \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
-    levers-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager no-cuda-graphs \
-                untiled-decode whole-transformer --iterations ${BENCH_ITERATIONS:-50} --rounds 10 --json "$LOGS/levers_${step#levers-}_$GPU.json" ;;
+    levers-*) tiles=untiled-decode; [ "${step#levers-}" = resident ] && tiles=  # resident decodes untiled already
+              fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager no-cuda-graphs \
+                $tiles whole-transformer --iterations ${BENCH_ITERATIONS:-50} --rounds 10 --json "$LOGS/levers_${step#levers-}_$GPU.json" ;;
     probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
       python3 -m fluxkit.profiling -v --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
@@ -67,16 +72,20 @@ for step in "$@"; do
                ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} ${SWEEP_TIMEOUT:+--variant-timeout $SWEEP_TIMEOUT} \
                --compile ${SWEEP_COMPILE:-both} --t5 ${SWEEP_T5:-both} --out "$LOGS/sweep_${step#sweep-}${SWEEP_COMPILE:+_$SWEEP_COMPILE}" ;;
     restart-*)
-      export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
-      placement=${step#restart-}; prequantized=/dev/shm/flux-nf4-$placement
+      placement=${step#restart-}; prequantized=/dev/shm/flux-nf4-$placement; runs=("cold $CKPT" "warm $CKPT")
+      if [ "${RESTART_COLD:-}" = skip ]; then  # the compile cache of the steps before (a first process filled it)
+        runs=("warm $CKPT" "warm $CKPT")
+      else
+        export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
+      fi
       [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement $placement --out $prequantized
-      for run in "cold $CKPT" "warm $CKPT" "warm $prequantized"; do
+      for run in "${runs[@]}" "warm $prequantized"; do
         set -- $run; t0=$EPOCHREALTIME
         fluxkit -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
         echo "$1 compile cache, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
-      # where a warm restart goes: each import's time and a profile of the whole process (slower by the profiling)
-      python3 -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
+      # RESTART_PROFILE=1: where a warm restart goes, each import's time and a profile of the whole process
+      [ -n "${RESTART_PROFILE:-}" ] && python3 -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
         --model "$CKPT" --device cuda --placement $placement --out /tmp/profiled.png 2> "$LOGS/restart_${placement}_imports.txt"
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;

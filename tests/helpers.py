@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fluxkit.config import load_preset
+from fluxkit.config import load_placement, load_preset
 
 PROMPT = "manic scientist, blue spiked hair, white lab coat"
 # validate on the tiny checkpoint in seconds: few calls, the small CLIP backbone
@@ -43,6 +43,27 @@ def t5_unquantized(name: str = "nf4"):
 
 def with_budgets(preset, **changes):
     return dataclasses.replace(preset, budgets=dataclasses.replace(preset.budgets, **changes))
+
+
+def resident_like(model_dir, placement: str, device: str):
+    """Everything resident, with the T5-unquantized preset, decoding in `placement`'s tiles: the tiles change pixels,
+    where the weights live must not."""
+    from fluxkit import load_flux_schnell
+
+    spec = dataclasses.replace(load_placement("resident"), vae_tile_size=load_placement(placement).vae_tile_size)
+    return load_flux_schnell(device=device, quantization=t5_unquantized(), model=model_dir, placement=spec)
+
+
+def resident_images(model_dir, device: str, seed: int):
+    """`seed`'s image from `resident_like` a placement, rendered once per tile size."""
+    images = {}
+
+    def image(placement: str):
+        tile = load_placement(placement).vae_tile_size
+        if tile not in images:
+            images[tile] = resident_like(model_dir, placement, device).generate(PROMPT, seed=seed)
+        return images[tile]
+    return image
 
 
 @contextlib.contextmanager

@@ -121,15 +121,16 @@ def test_plan_prints_every_preset_and_placement_and_recommends_vortex():
 
 
 def test_bench_levers_side_by_side(tiny_dir, tmp_path):
-    run = run_cli("bench", "--model", str(tiny_dir), "--device", "cpu", "--levers", "eager", "untiled-decode",
-                  "--iterations", "2", "--rounds", "2", "--warmup", "1", "--json", str(tmp_path / "levers.json"))
+    run = run_cli("bench", "--model", str(tiny_dir), "--device", "cpu", "--placement", "vortex", "--levers", "eager",
+                  "untiled-decode", "--iterations", "2", "--rounds", "2", "--warmup", "1", "--json",
+                  str(tmp_path / "levers.json"))
     assert run.returncode == 0, run.stderr
     assert "x" in run.stdout and "of configured" in run.stdout
     result = json.loads((tmp_path / "levers.json").read_text())
     assert list(result["variants"]) == ["configured", "eager", "untiled-decode"]
     assert set(result["ratios_to_configured"]) == {"eager", "untiled-decode"} and result["skipped"] == {}
     # compilation acts on CUDA only: on a CPU the eager lever runs the same arithmetic; the untiled decode does not
-    # blend tiles, so its images differ from the tiled ones of the configured path
+    # blend tiles, so its images differ from the tiled ones of the configured path (vortex tiles; resident does not)
     assert float(result["agreement_psnr_db"]["eager"]) == float("inf")  # JSON keeps it as "inf"
     assert float(result["agreement_psnr_db"]["untiled-decode"]) < float("inf")
 

@@ -207,9 +207,9 @@ def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
 
 def test_each_lever_changes_only_its_own_fields():
     # the baseline's fluxkit_<lever> variants and --levers alone load from these settings
-    preset, spec = load_preset("nf4"), load_placement("resident")
+    preset, spec = load_preset("nf4"), load_placement("vortex")
     levers = ("eager", "whole-transformer", "untiled-decode", "no-cuda-graphs", "reduce-overhead")
-    settings = lever_settings("nf4", "resident", levers)
+    settings = lever_settings("nf4", "vortex", levers)
     assert list(settings) == list(levers)
     changed = {lever: ({f.name for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(preset, f.name)},
                        {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(spec, f.name)})
@@ -219,6 +219,12 @@ def test_each_lever_changes_only_its_own_fields():
                        # torch.compile's graphs need the whole transformer, and replace fluxkit's own
                        "reduce-overhead": ({"compile_mode", "compile_scope", "cuda_graphs"}, set())}
     assert settings["whole-transformer"][0].compile_scope == "transformer" and preset.compile_scope == "blocks"
+
+
+def test_a_lever_that_changes_nothing_is_refused():
+    """resident decodes untiled already: timing it beside itself would report a lever that was never pulled."""
+    with pytest.raises(InputError, match="lever untiled-decode: preset nf4 under resident already runs that way"):
+        lever_settings("nf4", "resident", ("eager", "untiled-decode"))
 
 
 def test_a_variant_that_fails_to_load_is_kept_with_its_reason():

@@ -4,6 +4,7 @@ checkpoint: each gives the resident image."""
 import pytest
 from test_plan import share_streaming_some_modulation
 
+import helpers
 from fluxkit import load_flux_schnell
 from helpers import PROMPT, t5_unquantized, with_budgets
 
@@ -13,12 +14,13 @@ TOLERANCE = 2e-2
 
 
 @pytest.fixture(scope="module")
-def resident_image(tiny_dir):
-    return load_flux_schnell(device="cuda", quantization=t5_unquantized(), model=tiny_dir).generate(PROMPT, seed=4)
+def resident_images(tiny_dir):
+    return helpers.resident_images(tiny_dir, "cuda", seed=4)
 
 
 @pytest.mark.parametrize("placement", ["vortex", "offload"])
-def test_placements_on_the_gpu_give_the_resident_image(tiny_dir, resident_image, placement):
+def test_placements_on_the_gpu_give_the_resident_image(tiny_dir, resident_images, placement):
+    resident_image = resident_images(placement)
     model = load_flux_schnell(device="cuda", quantization=t5_unquantized(), model=tiny_dir, placement=placement)
     image = model.generate(PROMPT, seed=4)
     print(f"\n{placement}: max |diff| to resident {(image - resident_image).abs().max().item():.2e}")
@@ -27,7 +29,8 @@ def test_placements_on_the_gpu_give_the_resident_image(tiny_dir, resident_image,
         assert all(p.device.type == "cpu" for c in model.components.values() for p in c.parameters())
 
 
-def test_streamed_modulation_on_the_gpu(tiny_dir, resident_image):
+def test_streamed_modulation_on_the_gpu(tiny_dir, resident_images):
+    resident_image = resident_images("vortex")
     preset = t5_unquantized()
     preset = with_budgets(preset, vortex_total_gb=5.8 + share_streaming_some_modulation(tiny_dir, preset, 2),
                           rest_of_vortex_gb=5.8)

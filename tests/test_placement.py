@@ -5,6 +5,7 @@ import pytest
 import torch
 from test_plan import share_streaming_some_modulation
 
+import helpers
 from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
 from fluxkit.placement import ModulationOutput
 from fluxkit.profiling import cotenancy, cotenancy_table, placement_table
@@ -18,12 +19,13 @@ STREAMED_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
-def resident_image(tiny_dir):
-    return load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir).generate(PROMPT, seed=4)
+def resident_images(tiny_dir):
+    return helpers.resident_images(tiny_dir, "cpu", seed=4)
 
 
 @pytest.mark.parametrize("placement", ["resident", "vortex", "offload"])
-def test_every_placement_gives_the_resident_image(tiny_dir, resident_image, placement):
+def test_every_placement_gives_the_resident_image(tiny_dir, resident_images, placement):
+    resident_image = resident_images(placement)
     model = load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir, placement=placement)
     image = model.generate(PROMPT, seed=4)
     assert model.info()["placement"]["name"] == placement
@@ -33,7 +35,7 @@ def test_every_placement_gives_the_resident_image(tiny_dir, resident_image, plac
         assert torch.equal(image, resident_image)
 
 
-def test_streamed_modulation_gives_the_resident_image(tiny_dir, resident_image):
+def test_streamed_modulation_gives_the_resident_image(tiny_dir, resident_images):
     preset = t5_unquantized()
     preset = with_budgets(preset, vortex_total_gb=5.8 + share_streaming_some_modulation(tiny_dir, preset),
                           rest_of_vortex_gb=5.8)
@@ -41,11 +43,11 @@ def test_streamed_modulation_gives_the_resident_image(tiny_dir, resident_image):
     assert model.modulation.parked and model.info()["placement"]["modulation_streamed"] == len(model.modulation.parked)
     outputs = [m for m in model.pipe.transformer.modules() if isinstance(m, ModulationOutput)]
     assert len(outputs) == 4 and sum(m.source is None for m in outputs) == len(model.modulation.parked)
-    assert (model.generate(PROMPT, seed=4) - resident_image).abs().max() <= STREAMED_TOLERANCE
+    assert (model.generate(PROMPT, seed=4) - resident_images("vortex")).abs().max() <= STREAMED_TOLERANCE
 
 
 def test_true_cfg_under_vortex(tiny_dir):
-    resident = load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir)
+    resident = helpers.resident_like(tiny_dir, "vortex", "cpu")
     vortex = load_flux_schnell(device="cpu", quantization=t5_unquantized(), model=tiny_dir, placement="vortex")
     kwargs = dict(negative_prompt="blurry", true_cfg_scale=3.0, seed=2)
     assert (vortex.generate(PROMPT, **kwargs) - resident.generate(PROMPT, **kwargs)).abs().max() <= PLACEMENT_TOLERANCE

@@ -70,7 +70,8 @@ def test_no_matching_reference_is_refused(tiny_model, tmp_path):
 
 def test_rebuild_keeps_other_models_entries(tiny_model, tmp_path):
     manifest = read_manifest(REFERENCE_DIR)
-    other = dict(matching_cases(tiny_model)[0], model={"id": "black-forest-labs/FLUX.1-schnell", "revision": "abc"})
+    other = dict(matching_cases(tiny_model)[0], model={"id": "black-forest-labs/FLUX.1-schnell", "revision": "abc"},
+                 file="FLUX.1-schnell-abc_nf4_manic-scientist.png")
     manifest["cases"].append(other)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     key = model_key(tiny_model)
@@ -79,3 +80,17 @@ def test_rebuild_keeps_other_models_entries(tiny_model, tmp_path):
     after = read_manifest(tmp_path)["cases"]
     assert [c for c in after if c["model"] != key] == others
     assert len([c for c in after if c["model"] == key]) == len(reference_prompts())
+
+
+def test_a_rebuild_drops_the_cases_of_other_settings_whose_files_it_wrote_over(tiny_model, tmp_path):
+    """The decode's tile size changes pixels but not file names: the tiled cases must not outlive their images."""
+    manifest = read_manifest(REFERENCE_DIR)
+    tiled = [dict(c, model={**c["model"], "vae_tile_size": 256}) for c in matching_cases(tiny_model)]
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "cases": tiled}))
+    with pytest.raises(ValueError, match="no reference images.*--placement resident"):  # another tile size: no match
+        matching_cases(tiny_model, tmp_path)
+    for c in tiled:
+        shutil.copy(REFERENCE_DIR / c["file"], tmp_path / c["file"])
+    build_references(tiny_model, tmp_path, overwrite=True)
+    after = read_manifest(tmp_path)["cases"]
+    assert [c["model"]["vae_tile_size"] for c in after] == [None] * len(reference_prompts())
