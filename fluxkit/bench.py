@@ -36,6 +36,7 @@ MATRIX_KERNELS = re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|flash|fmha|attention
                             re.IGNORECASE)
 VECTOR_KERNELS = re.compile(r"gemv|inference_naive", re.IGNORECASE)
 HOST_COPIES = re.compile(r"^Memcpy (HtoD|DtoH)")
+KERNEL_CLASSES = ("compute", "memory", "host link")
 
 
 def call_prompt(prompt: str, i: int) -> str:
@@ -75,12 +76,12 @@ def phase_kernel_seconds(activities: list[tuple[str, int, int]], windows: dict[s
     for phase, spans in windows.items():
         per_call = []
         for start, end in spans:
-            sums = {"compute": 0, "memory": 0, "host link": 0}
+            sums = dict.fromkeys(KERNEL_CLASSES, 0)
             for name, begin, duration in activities:
                 if start <= begin < end:
                     sums[kernel_class(name)] += duration
             per_call.append(sums)
-        out[phase] = {c: statistics.median(call[c] for call in per_call) / 1e9 for c in ("compute", "memory", "host link")}
+        out[phase] = {c: statistics.median(call[c] for call in per_call) / 1e9 for c in KERNEL_CLASSES}
     return out
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import yaml
 
+from .bench import KERNEL_CLASSES
 from .config import CONFIG_DIR, GenerationSpec, PlacementSpec, Preset, _build
 from .errors import InputError
 from .plan import Plan, component_tensors
@@ -30,7 +31,6 @@ ASSUMPTIONS = ("published peak figures (fluxkit/configs/gpus.yaml); matrix kerne
                "peak, other kernels the fraction of memory bandwidth, host copies the fraction of the link measured on "
                "the source GPU, and copies overlap kernels as they did there; the time the GPU waited on the host stays "
                "as measured (pessimistic for slower cards, which hide it); P99/P50 as measured; same software stack")
-KERNEL_CLASSES = ("compute", "memory", "host link")
 
 
 @dataclass(frozen=True)
