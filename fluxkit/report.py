@@ -87,7 +87,8 @@ def evaluate_budgets(metrics: dict, preset: Preset) -> list[dict]:
             key = next((k for k in projection["projected_p99_s"] if k == "rtx3060"), None)
             if key:
                 note += (f"; projected for the RTX 3060 ({projection['placement']} placement): P99 "
-                         f"{projection['projected_p99_s'][key]:.2f} s (ESTIMATE from per-phase rooflines)")
+                         f"{projection['projected_p99_s'][key]:.2f} s (ESTIMATE: each phase's GPU time scaled by "
+                         "published peaks)")
         out.append(_verdict("p99_latency", round(p99, 4), b.p99_latency_s, "s",
                             (p99 < b.p99_latency_s) if on_target and full_size else None, note))
     if vram:
