@@ -7,7 +7,7 @@
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
 #   SWEEP_TIMEOUT (seconds one sweep variant may take), SWEEP_COMPILE and SWEEP_T5 (both, or one side of the axis),
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
-#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, RESTART_COLD, RESTART_PROFILE.
+#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, RESTART_COLD, RESTART_PROFILE, QUANTIZATION, LEVERS.
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
 #                  process each; MODEL_TESTS names others)
@@ -18,6 +18,8 @@
 #   bench-P        fluxkit bench --placement P --json (for fluxkit estimate and the cross-card check)
 #   levers-P       fluxkit bench --levers under placement P: the configured fast path against eager, no CUDA graphs,
 #                  an untiled decode (where P tiles) and the whole transformer compiled, interleaved in one process
+#                  (QUANTIZATION: another preset; LEVERS: other levers, space-separated)
+#   FILE.py        python3 FILE.py (a probe script kept with its run's results)
 #   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm; then warm from a
 #                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing; then
 #                  with RESTART_PROFILE=1 a warm one under cProfile and -X importtime (restart_P.prof, restart_P_imports.txt).
@@ -41,8 +43,8 @@ fi
 for step in "$@"; do
   case $step in *=*) export "$step"; echo "== $step"; continue ;; esac
   start=$SECONDS
-  name=$step; n=1  # a step run twice (another SWEEP_COMPILE) keeps both logs
-  while [ -e "$LOGS/$name.log" ]; do n=$((n + 1)); name=$step.$n; done
+  name=${step##*/}; n=1  # a step run twice (another SWEEP_COMPILE) keeps both logs; a script by its file name
+  while [ -e "$LOGS/$name.log" ]; do n=$((n + 1)); name=${step##*/}.$n; done
   # the card's clocks, power and throttle reasons beside each step: tells a slow stretch of the GPU from fluxkit's own
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
     --format=csv -lms 500 > "$LOGS/$name.clocks.csv" 2>/dev/null & clocks=$!
@@ -61,8 +63,11 @@ for step in "$@"; do
     bench-*) fluxkit bench --model "$CKPT" --device cuda --placement "${step#bench-}" --iterations ${BENCH_ITERATIONS:-50} \
                --json "$LOGS/bench_${step#bench-}_$GPU.json" ;;
     levers-*) tiles=untiled-decode; [ "${step#levers-}" = resident ] && tiles=  # resident decodes untiled already
-              fluxkit bench --model "$CKPT" --device cuda --placement "${step#levers-}" --levers eager no-cuda-graphs \
-                $tiles whole-transformer --iterations ${BENCH_ITERATIONS:-50} --rounds 10 --json "$LOGS/levers_${step#levers-}_$GPU.json" ;;
+              q=${QUANTIZATION:-nf4}
+              fluxkit bench --model "$CKPT" --device cuda --quantization "$q" --placement "${step#levers-}" \
+                --levers ${LEVERS:-eager no-cuda-graphs $tiles whole-transformer} --iterations ${BENCH_ITERATIONS:-50} \
+                --rounds 10 --json "$LOGS/levers_${step#levers-}_${q}_$GPU.json" ;;
+    *.py) python3 "$step" ;;  # a probe script of the repository, run as it is
     probe-*)  # one placement in a fresh process: resident after load, peaks over 3 calls (JSON), default allocator
       python3 -m fluxkit.profiling -v --model "$CKPT" --device cuda --placement "${step#probe-}" --calls 3 ;;
     expandable-*)  # the same with expandable segments (less fragmentation between allocated and reserved)
