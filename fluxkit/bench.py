@@ -29,6 +29,7 @@ from .sampling import PHASE_RANGE, PHASES
 DEFAULT_PROMPT = "manic scientist, blue spiked hair, white lab coat"
 BOOTSTRAP_RESAMPLES = 2000
 KERNEL_CALLS = 3
+FAST_PRESET = "bf16"  # the side by side's fastest fluxkit path, which issue 8's "at most 1.15x bf16" reads against
 # Kernels whose time scales with a card's tensor throughput: matrix products, attention and convolutions, by the
 # names cuBLAS, cuDNN, CUTLASS, FlashAttention and Inductor's templates give them. bitsandbytes' 4-bit
 # matrix-vector kernel (one token: the modulation vectors) reads weights, so it is memory-bound like the rest.
@@ -44,9 +45,14 @@ def call_prompt(prompt: str, i: int) -> str:
     return f"{prompt}, take {i}"
 
 
-def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: int, **kwargs) -> dict:
+def output_buffer(model: FluxModel) -> torch.Tensor:
+    """The caller's pre-allocated image, as Vortex passes it (height x width x 3, float32), for every timed call."""
     gen = model.preset.generation
-    buffer = torch.empty((gen.height, gen.width, 3), dtype=torch.float32)
+    return torch.empty((gen.height, gen.width, 3), dtype=torch.float32)
+
+
+def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: int, **kwargs) -> dict:
+    buffer = output_buffer(model)
     for i in range(warmup):
         model.generate(call_prompt(prompt, -1 - i), seed=seed + i, output=buffer, **kwargs)
     rows = []
@@ -92,8 +98,7 @@ def kernel_seconds(model: FluxModel, calls: int = KERNEL_CALLS, prompt: str = DE
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    gen = model.preset.generation
-    buffer = torch.empty((gen.height, gen.width, 3), dtype=torch.float32)
+    buffer = output_buffer(model)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(calls):
             model.generate(call_prompt(prompt, 10_000 + i), seed=seed + i, output=buffer)
@@ -174,9 +179,10 @@ def bootstrap_ratio(a: list[float], b: list[float], seed: int = 0) -> dict:
 
 
 def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup: int = 3,
-                 prompt: str = DEFAULT_PROMPT, seed: int = 0) -> dict:
+                 prompt: str = DEFAULT_PROMPT, seed: int = 0, also_relative_to: tuple[str, ...] = ()) -> dict:
     """Time each variant (name -> object with generate(prompt, seed, output)) on the same prompts and seeds,
-    interleaved: each round runs every variant for iterations / rounds calls, the order rotating per round."""
+    interleaved: each round runs every variant for iterations / rounds calls, the order rotating per round. Every
+    variant is compared with the first (`ratios_to_<first>`) and with each of `also_relative_to`."""
     check_counts(iterations, warmup)
     check_number("rounds", rounds, 1, iterations, integer=True)
     names = list(variants)
@@ -218,13 +224,15 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
         if phases[n]:
             result["variants"][n]["phases"] = {p: summarize([t[p] for t in phases[n]]) for p in PHASES}
     baseline = names[0]
-    result["ratios_to_" + baseline] = {n: bootstrap_ratio(times[n], times[baseline]) for n in names[1:]}
+    for reference in (baseline, *also_relative_to):
+        result["ratios_to_" + reference] = {n: bootstrap_ratio(times[n], times[reference])
+                                            for n in names[1:] if n != reference}
     result["agreement_psnr_db"] = {n: min(psnr(x, y) for x, y in zip(images[n], images[baseline]))
                                    for n in names[1:]}
     return result
 
 
-def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4", fast: str = "bf16",
+def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4", fast: str = FAST_PRESET,
                       fluxkit_model: FluxModel | None = None, levers: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
     """The plain pattern, fluxkit's default path (`fluxkit_model` if given), fluxkit's fastest bf16 path and
     fluxkit with each of `levers` changed (`fluxkit_<lever>`) in one process, as `_load_each` returns them. With
@@ -242,6 +250,11 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
     if fluxkit_model is not None:  # loaded before: it added nothing here
         resident["fluxkit"] = None
     return variants, resident, skipped
+
+
+def fast_reference(variants: dict) -> tuple[str, ...]:
+    """The bf16 path of a `load_side_by_side`, where it loaded: fluxkit's time is also read as a multiple of it."""
+    return tuple(n for n in variants if n == f"fluxkit_{FAST_PRESET}")
 
 
 def _load_each(factories: dict) -> tuple[dict, dict, dict]:
@@ -307,6 +320,7 @@ def run_side_by_side(model: FluxModel, requested: bool, iterations: int = 50, ro
         return {"applicable": False, "reason": "diffusers' bitsandbytes quantizer needs a GPU for the plain pattern"}
     variants, resident, skipped = load_side_by_side(str(model.source.path), str(model.device), model.preset.name,
                                                     fluxkit_model=model)
-    result = side_by_side(variants, iterations=iterations, rounds=min(rounds, iterations), seed=seed)
+    result = side_by_side(variants, iterations=iterations, rounds=min(rounds, iterations), seed=seed,
+                          also_relative_to=fast_reference(variants))
     result.update(applicable=True, resident_bytes=resident, skipped=skipped)
     return result

@@ -225,7 +225,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_side_by_side(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import check_plain_pattern, load_levers, load_side_by_side, side_by_side
+    from .bench import FAST_PRESET, check_plain_pattern, fast_reference, load_levers, load_side_by_side, side_by_side
     from .config import load_preset
     from .errors import InputError
     from .report import to_jsonable
@@ -238,12 +238,14 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
         if args.device == "cpu" or not torch.cuda.is_available():
             raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run "
                              "without one")
-        variants, resident, skipped = load_side_by_side(args.model, "cuda", args.quantization, "bf16",
+        variants, resident, skipped = load_side_by_side(args.model, "cuda", args.quantization, FAST_PRESET,
                                                         levers=tuple(args.levers or ()))
     else:
         variants, resident, skipped = load_levers(args.model, args.device, args.quantization, args.placement,
                                                   tuple(args.levers))
-    result = side_by_side(variants, iterations=args.iterations, rounds=args.rounds, warmup=args.warmup, seed=args.seed)
+    references = fast_reference(variants) if args.baseline else ()
+    result = side_by_side(variants, iterations=args.iterations, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
+                          also_relative_to=references)
     result.update(resident_bytes=resident, skipped=skipped)
     names = list(variants)
     base, width = names[0], max(map(len, [*names, *skipped]))
@@ -255,7 +257,9 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
                   if resident[n] is not None else "")
         print(f"{n:>{width}}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s{memory}" + (
                   f"  x{ratio['ratio']:.3f} of {base} [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
-                  f"  PSNR vs {base} {result['agreement_psnr_db'][n]:.1f} dB" if ratio else ""))
+                  f"  PSNR vs {base} {result['agreement_psnr_db'][n]:.1f} dB" if ratio else "") + "".join(
+                  f"  x{r['ratio']:.3f} of {ref} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+                  for ref in references if (r := result["ratios_to_" + ref].get(n))))
         if "phases" in result["variants"][n]:
             print(" " * (width + 2) + "p50 per phase: " + ", ".join(
                 f"{phase} {row['p50']:.4f} s" for phase, row in result["variants"][n]["phases"].items()))

@@ -186,9 +186,12 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
     variants = {"plain": load_flux_schnell(device="cpu", model=tiny_dir),
                 "same": load_flux_schnell(device="cpu", model=tiny_dir),
                 "bf16": load_flux_schnell(device="cpu", quantization="bf16", model=tiny_dir)}
-    result = side_by_side(variants, iterations=2, rounds=2, warmup=1, prompt=PROMPT)
+    result = side_by_side(variants, iterations=2, rounds=2, warmup=1, prompt=PROMPT, also_relative_to=("bf16",))
     assert result["iterations"] == 2 and all(len(v["times"]) == 2 for v in result["variants"].values())
     assert set(result["ratios_to_plain"]) == {"same", "bf16"}
+    # the NF4 path read against bf16 as well (issue 8: at most 1.15x bf16), from the same calls
+    times = {n: v["times"] for n, v in result["variants"].items()}
+    assert result["ratios_to_bf16"] == {"same": bootstrap_ratio(times["same"], times["bf16"])}
     assert result["agreement_psnr_db"]["same"] == float("inf")  # same weights, same seeds: the same images
     assert result["agreement_psnr_db"]["bf16"] < float("inf")
     # where fluxkit's time goes, and when each call started (to lay slow calls beside the card's clock log)
