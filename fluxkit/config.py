@@ -161,6 +161,10 @@ class Preset:
             raise ConfigError(f"preset {self.name}: cuda_graphs with compile_mode reduce-overhead: a graph would be "
                               "captured around torch.compile's own; choose one (cuda_graphs: true keeps "
                               "compile_scope: blocks and its images)")
+        if self.cuda_graphs and self.quantization.backend == "bitsandbytes_8bit":
+            raise ConfigError(f"preset {self.name}: cuda_graphs with bitsandbytes 8-bit: LLM.int8 picks each call's "
+                              "outlier columns with torch.argwhere, a shape the host must read, which a CUDA graph "
+                              "capture refuses (cudaErrorStreamCaptureInvalidated on an H200); set cuda_graphs: false")
         if self.compile and self.quantization.backend == "layerwise_casting":
             raise ConfigError(f"preset {self.name}: compile=true with layerwise casting: diffusers casts each layer's "
                               "weights inside its forward (module.to), which torch.compile(fullgraph=True) refuses "

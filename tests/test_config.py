@@ -85,6 +85,16 @@ def test_fluxkit_s_cuda_graphs_and_torch_compile_s_are_one_or_the_other():
     assert dataclasses.replace(nf4, compile=False).cuda_graphs  # graphs of the eager path are allowed
 
 
+def test_cuda_graphs_are_on_for_the_4bit_presets_and_refused_for_8bit():
+    """Every bitsandbytes 4-bit preset replays from graphs (images equal the uncaptured ones, tests/test_gpu_graphs.py);
+    LLM.int8's outlier columns have a shape the host reads, which a capture refuses (H200, run 23)."""
+    assert all(load_preset(name).cuda_graphs for name in ("nf4", "nf4-nodq", "fp4", "bf16"))
+    int8 = load_preset("int8")
+    assert not int8.cuda_graphs
+    with pytest.raises(ConfigError, match="cuda_graphs with bitsandbytes 8-bit.*set cuda_graphs: false"):
+        dataclasses.replace(int8, cuda_graphs=True)
+
+
 def test_a_preset_that_is_not_yaml_is_refused(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: [unclosed")

@@ -10,9 +10,10 @@ from helpers import PROMPT, uncaptured
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def graphed_model(tiny_dir):
-    model = load_flux_schnell(device="cuda", quantization="nf4", model=tiny_dir)
+@pytest.fixture(scope="module", params=["nf4", "nf4-nodq", "fp4"])
+def graphed_model(tiny_dir, request):
+    """Each bitsandbytes 4-bit preset that turns CUDA graphs on."""
+    model = load_flux_schnell(device="cuda", quantization=request.param, model=tiny_dir)
     assert model.info()["cuda_graphs"] and set(model.graphed) == {"embed", "transformer", "decode"}
     return model
 
