@@ -29,7 +29,7 @@ from .sampling import PHASE_RANGE, PHASES
 DEFAULT_PROMPT = "manic scientist, blue spiked hair, white lab coat"
 BOOTSTRAP_RESAMPLES = 2000
 KERNEL_CALLS = 3
-FAST_PRESET = "bf16"  # the side by side's fastest fluxkit path, which issue 8's "at most 1.15x bf16" reads against
+FAST_PRESET = "bf16"  # the side by side's fastest fluxkit path; the NF4 path is also read as a multiple of it
 # Kernels whose time scales with a card's tensor throughput: matrix products, attention and convolutions, by the
 # names cuBLAS, cuDNN, CUTLASS, FlashAttention and Inductor's templates give them. bitsandbytes' 4-bit
 # matrix-vector kernel (one token: the modulation vectors) reads weights, so it is memory-bound like the rest.
