@@ -232,7 +232,7 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
     return result
 
 
-def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4", fast: str = FAST_PRESET,
+def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4",
                       fluxkit_model: FluxModel | None = None, levers: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
     """The plain pattern, fluxkit's default path (`fluxkit_model` if given), fluxkit's fastest bf16 path and
     fluxkit with each of `levers` changed (`fluxkit_<lever>`) in one process, as `_load_each` returns them. With
@@ -243,7 +243,7 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
     folder = resolve_model(model).path
     factories = {"plain": lambda: PlainPattern(folder, load_preset(quantization), torch.device(device)),
                  "fluxkit": lambda: fluxkit_model or load_flux_schnell(device, quantization, folder, placement="resident"),
-                 f"fluxkit_{fast}": lambda: load_flux_schnell(device, fast, folder, placement="resident")}
+                 f"fluxkit_{FAST_PRESET}": lambda: load_flux_schnell(device, FAST_PRESET, folder, placement="resident")}
     for lever, (preset, spec) in lever_settings(quantization, "resident", levers).items():
         factories[f"fluxkit_{lever}"] = functools.partial(load_flux_schnell, device, preset, folder, placement=spec)
     variants, resident, skipped = _load_each(factories)
@@ -254,7 +254,8 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
 
 def fast_reference(variants: dict) -> tuple[str, ...]:
     """The bf16 path of a `load_side_by_side`, where it loaded: fluxkit's time is also read as a multiple of it."""
-    return tuple(n for n in variants if n == f"fluxkit_{FAST_PRESET}")
+    name = f"fluxkit_{FAST_PRESET}"
+    return (name,) if name in variants else ()
 
 
 def _load_each(factories: dict) -> tuple[dict, dict, dict]:

@@ -225,7 +225,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _bench_side_by_side(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import FAST_PRESET, check_plain_pattern, fast_reference, load_levers, load_side_by_side, side_by_side
+    from .bench import check_plain_pattern, fast_reference, load_levers, load_side_by_side, side_by_side
     from .config import load_preset
     from .errors import InputError
     from .report import to_jsonable
@@ -238,7 +238,7 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
         if args.device == "cpu" or not torch.cuda.is_available():
             raise InputError("--baseline plain needs a CUDA GPU: diffusers' bitsandbytes quantizer refuses to run "
                              "without one")
-        variants, resident, skipped = load_side_by_side(args.model, "cuda", args.quantization, FAST_PRESET,
+        variants, resident, skipped = load_side_by_side(args.model, "cuda", args.quantization,
                                                         levers=tuple(args.levers or ()))
     else:
         variants, resident, skipped = load_levers(args.model, args.device, args.quantization, args.placement,
@@ -256,10 +256,9 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
         memory = (f"  resident {resident[n] / 1e9:.2f} GB  rise {result['variants'][n]['rise_bytes'] / 1e9:.2f} GB"
                   if resident[n] is not None else "")
         print(f"{n:>{width}}: p50 {s['p50']:.4f} s  p99 {s['p99']:.4f} s{memory}" + (
-                  f"  x{ratio['ratio']:.3f} of {base} [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
-                  f"  PSNR vs {base} {result['agreement_psnr_db'][n]:.1f} dB" if ratio else "") + "".join(
-                  f"  x{r['ratio']:.3f} of {ref} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-                  for ref in references if (r := result["ratios_to_" + ref].get(n))))
+                  _ratio_text(ratio, base) + f"  PSNR vs {base} {result['agreement_psnr_db'][n]:.1f} dB"
+                  if ratio else "") + "".join(
+                  _ratio_text(r, ref) for ref in references if (r := result["ratios_to_" + ref].get(n))))
         if "phases" in result["variants"][n]:
             print(" " * (width + 2) + "p50 per phase: " + ", ".join(
                 f"{phase} {row['p50']:.4f} s" for phase, row in result["variants"][n]["phases"].items()))
@@ -268,6 +267,10 @@ def _bench_side_by_side(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
     return 0
+
+
+def _ratio_text(ratio: dict, reference: str) -> str:
+    return f"  x{ratio['ratio']:.3f} of {reference} [{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]"
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
