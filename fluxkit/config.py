@@ -44,6 +44,17 @@ LEVERS = {
     "whole-transformer": ({"compile_scope": "transformer"}, {}),
 }
 
+# Quantized kernels whose per-call work a CUDA graph cannot replay: (backend, quant_type or None for all) -> what a
+# capture does with them (H200, runs 23-24; tests/test_gpu_graphs.py holds every preset that turns graphs on).
+GRAPHS_REFUSED = {
+    ("bitsandbytes_8bit", None): "bitsandbytes 8-bit: LLM.int8 picks each call's outlier columns with torch.argwhere, "
+                                 "a shape the host must read, which a capture refuses (cudaErrorStreamCaptureInvalidated)",
+    ("layerwise_casting", None): "layerwise casting: diffusers' hooks replace each layer's weights inside every forward "
+                                 "(module.to), so a replay reads float8 weights freed after the capture (NaN images)",
+    ("gguf", "q4_0"): "GGUF q4_0: diffusers builds its shift table on the host at every dequantization "
+                      "(torch.tensor), a copy from pageable memory that a capture refuses",
+}
+
 # How long `fluxkit sweep` lets one variant's process run on a GPU before stopping it and keeping its row with the
 # reason (the longest seen, bf16 resident compiled on an H200, full-size synthetic checkpoint, took 123 s from process
 # start to its last call).
@@ -82,6 +93,12 @@ class QuantizationSpec:
         if self.backend == "gguf" and self.components != ("transformer",):
             raise ConfigError("quantization.components must be [transformer] for gguf: diffusers loads GGUF "
                               "files for its own models only")
+
+
+def graphs_refused(quantization: QuantizationSpec) -> str | None:
+    """Why CUDA graphs cannot replay this quantization's kernels, or None."""
+    return (GRAPHS_REFUSED.get((quantization.backend, quantization.quant_type))
+            or GRAPHS_REFUSED.get((quantization.backend, None)))
 
 
 @dataclass(frozen=True)
@@ -161,10 +178,9 @@ class Preset:
             raise ConfigError(f"preset {self.name}: cuda_graphs with compile_mode reduce-overhead: a graph would be "
                               "captured around torch.compile's own; choose one (cuda_graphs: true keeps "
                               "compile_scope: blocks and its images)")
-        if self.cuda_graphs and self.quantization.backend == "bitsandbytes_8bit":
-            raise ConfigError(f"preset {self.name}: cuda_graphs with bitsandbytes 8-bit: LLM.int8 picks each call's "
-                              "outlier columns with torch.argwhere, a shape the host must read, which a CUDA graph "
-                              "capture refuses (cudaErrorStreamCaptureInvalidated on an H200); set cuda_graphs: false")
+        refused = self.cuda_graphs and graphs_refused(self.quantization)
+        if refused:
+            raise ConfigError(f"preset {self.name}: cuda_graphs with {refused}; set cuda_graphs: false")
         if self.compile and self.quantization.backend == "layerwise_casting":
             raise ConfigError(f"preset {self.name}: compile=true with layerwise casting: diffusers casts each layer's "
                               "weights inside its forward (module.to), which torch.compile(fullgraph=True) refuses "

@@ -7,10 +7,10 @@
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
 #   SWEEP_TIMEOUT (seconds one sweep variant may take), SWEEP_COMPILE and SWEEP_T5 (both, or one side of the axis),
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
-#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, RESTART_COLD, RESTART_PROFILE, QUANTIZATION, LEVERS.
+#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, MODEL_TESTS_K, RESTART_COLD, RESTART_PROFILE, QUANTIZATION, LEVERS.
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
-#                  process each; MODEL_TESTS names others)
+#                  process each; MODEL_TESTS names others, MODEL_TESTS_K selects tests by pytest's -k)
 #   references-P   render reference_images/ for the full checkpoint (nf4) under placement P (validate-P compares to them)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
 #   baseline       fluxkit bench --baseline plain: plain diffusers vs fluxkit vs fluxkit bf16 (and fluxkit with each of
@@ -53,7 +53,7 @@ for step in "$@"; do
       files=tests/test_gpu_cotenancy.py
       [ "$step" = model-tests ] && files=${MODEL_TESTS:-tests/test_gpu_graphs.py tests/test_gpu_kernels.py tests/test_gpu_model.py tests/test_gpu_placements.py}
       for f in $files; do  # each in a fresh process
-        FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -q -p no:cacheprovider -o addopts="" "$f"
+        FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -v -p no:cacheprovider -o addopts="" ${MODEL_TESTS_K:+-k "$MODEL_TESTS_K"} "$f"
       done ;;
     references-*) fluxkit references --model "$CKPT" --device cuda --placement "${step#references-}" --overwrite ;;
     validate-*) fluxkit validate --resume --model "$CKPT" --device cuda --placement "${step#validate-}" --drift-calls ${DRIFT_CALLS:-100} \

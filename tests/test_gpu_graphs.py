@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from fluxkit import load_flux_schnell
+from fluxkit.config import available_presets, load_preset
 from fluxkit.fastpath import MAX_GRAPHS_PER_CALL
 from helpers import PROMPT, uncaptured
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module", params=["nf4", "nf4-nodq", "fp4"])
+@pytest.fixture(scope="module", params=[name for name in available_presets() if load_preset(name).cuda_graphs])
 def graphed_model(tiny_dir, request):
-    """Each bitsandbytes 4-bit preset that turns CUDA graphs on."""
+    """Each preset that turns CUDA graphs on."""
     model = load_flux_schnell(device="cuda", quantization=request.param, model=tiny_dir)
     assert model.info()["cuda_graphs"] and set(model.graphed) == {"embed", "transformer", "decode"}
     return model
