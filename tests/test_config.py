@@ -2,8 +2,15 @@ import dataclasses
 
 import pytest
 
-from fluxkit.config import (CONFIG_DIR, ConfigError, available_placements, available_presets, graphs_refused,
-                            load_placement, load_preset)
+from fluxkit.config import (
+    CONFIG_DIR,
+    ConfigError,
+    available_placements,
+    available_presets,
+    graphs_refused,
+    load_placement,
+    load_preset,
+)
 from fluxkit.errors import InputError, InputTypeError
 
 NF4 = (CONFIG_DIR / "flux_schnell_nf4.yaml").read_text()
