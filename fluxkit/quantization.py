@@ -67,7 +67,12 @@ def unsupported_placement(spec: QuantizationSpec, placement: PlacementSpec) -> s
 
 
 def torchao_config(quant_type: str):
-    """The torchao config object of a preset's `quant_type`."""
+    """The torchao config object of a preset's `quant_type`.
+
+    `set_inductor_config=False`: by default torchao turns on Inductor's coordinate-descent tuning for the whole
+    process, and a compiled FLUX then tunes every Triton kernel serially at its first call (on an H200, full size,
+    torchao-int8wo compiled was still tuning after 15 minutes: runs 16 and 25), as would any model Vortex compiles
+    after loading fluxkit."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,
@@ -76,10 +81,11 @@ def torchao_config(quant_type: str):
         PerRow,
     )
 
-    return {"int8_weight_only": lambda: Int8WeightOnlyConfig(),
-            "float8_weight_only": lambda: Float8WeightOnlyConfig(),
-            "float8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-            "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=INT4_GROUP)}[quant_type]()
+    keep = {"set_inductor_config": False}
+    return {"int8_weight_only": lambda: Int8WeightOnlyConfig(**keep),
+            "float8_weight_only": lambda: Float8WeightOnlyConfig(**keep),
+            "float8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **keep),
+            "int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=INT4_GROUP, **keep)}[quant_type]()
 
 
 def converted(name: str, module: torch.nn.Module, skip: tuple[str, ...]) -> bool:

@@ -74,3 +74,28 @@ def uncaptured(model):
         yield model
     finally:
         model.graphed = graphed
+
+
+def process_settings() -> dict:
+    """torch's process-wide settings, flat: what a library loaded into Vortex's process must leave as it found them."""
+    import torch
+
+    flat = {f"inductor.{k}": v for k, v in torch._inductor.config.get_config_copy().items()}
+    flat |= {f"dynamo.{k}": v for k, v in torch._dynamo.config.get_config_copy().items()}
+    return flat | {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+                   "cuda_matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+                   "cudnn_benchmark": torch.backends.cudnn.benchmark, "default_dtype": torch.get_default_dtype(),
+                   "deterministic": torch.are_deterministic_algorithms_enabled(), "grad": torch.is_grad_enabled()}
+
+
+def settings_changed_by_loads(model_dir, presets: list[str]) -> dict[str, list[str]]:
+    """Run in a fresh process (nothing loaded before): preset -> the settings its load changed."""
+    from fluxkit import load_flux_schnell
+
+    changed = {}
+    for preset in presets:
+        before = process_settings()
+        load_flux_schnell(device="cpu", quantization=preset, model=model_dir)
+        after = process_settings()
+        changed[preset] = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return changed

@@ -1,6 +1,9 @@
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +227,21 @@ def test_gguf_writes_its_file_once_and_loads_gguf_layers(tiny_dir, cache_dir):
 def test_gguf_under_the_vortex_placement_is_refused_with_the_reason(tiny_dir):
     with pytest.raises(VortexInitializationError, match="placement vortex.*streams modulation layers"):
         load_flux_schnell(device="cpu", quantization="gguf-q4_0", model=tiny_dir, placement="vortex")
+
+
+def test_loading_leaves_torchs_process_settings_as_it_found_them(tiny_dir):
+    """Vortex runs its own models in the process that loads Flux: a load that turns on, say, Inductor's kernel
+    tuning (torchao's default) makes every later compile in that process tune each kernel serially."""
+    from fluxkit.config import available_presets
+    from fluxkit.quantization import unsupported
+
+    presets = [p for p in available_presets() if not unsupported(load_preset(p).quantization, torch.device("cpu"),
+                                                                   load_placement("resident"))]
+    assert {"nf4", "int8", "torchao-int8wo", "gguf-q8_0", "fp8-layerwise"} <= set(presets)
+    script = ("import json, sys; from helpers import settings_changed_by_loads; "
+              "print(json.dumps(settings_changed_by_loads(sys.argv[1], sys.argv[2:])))")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_dir), *presets], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    changed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert changed == {p: [] for p in presets}
