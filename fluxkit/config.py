@@ -38,6 +38,7 @@ COMPILE_SCOPES = ("blocks", "transformer")
 # is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
 LEVERS = {
     "eager": ({"compile": False, "cuda_graphs": False}, {}),
+    "compiled": ({"compile": True}, {}),  # for the presets that run uncompiled
     "no-cuda-graphs": ({"cuda_graphs": False}, {}),
     "reduce-overhead": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer", "cuda_graphs": False}, {}),
     "untiled-decode": ({}, {"vae_tile_size": None}),

@@ -203,8 +203,8 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
 
 def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):
     with pytest.raises(InputError,
-                       match="turbo: no such lever; choose from eager, no-cuda-graphs, reduce-overhead, untiled-decode, "
-                             "whole-transformer"):
+                       match="turbo: no such lever; choose from eager, compiled, no-cuda-graphs, reduce-overhead, "
+                             "untiled-decode, whole-transformer"):
         load_levers(str(tiny_dir), "cpu", levers=("eager", "turbo"))
 
 
@@ -222,6 +222,9 @@ def test_each_lever_changes_only_its_own_fields():
                        # torch.compile's graphs need the whole transformer, and replace fluxkit's own
                        "reduce-overhead": ({"compile_mode", "compile_scope", "cuda_graphs"}, set())}
     assert settings["whole-transformer"][0].compile_scope == "transformer" and preset.compile_scope == "blocks"
+    eager_preset = load_preset("torchao-int8wo")
+    compiled = lever_settings("torchao-int8wo", None, ("compiled",))["compiled"][0]
+    assert not eager_preset.compile and compiled == dataclasses.replace(eager_preset, compile=True)
 
 
 def test_a_lever_that_changes_nothing_is_refused():
