@@ -7,7 +7,7 @@
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
 #   SWEEP_TIMEOUT (seconds one sweep variant may take), SWEEP_COMPILE and SWEEP_T5 (both, or one side of the axis),
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
-#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, MODEL_TESTS_K, RESTART_COLD, RESTART_PROFILE, QUANTIZATION, LEVERS.
+#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, MODEL_TESTS_K, RESTART_COLD, RESTART_WARM, RESTART_CLOSURE, RESTART_PROFILE, QUANTIZATION, LEVERS.
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
 #                  process each; MODEL_TESTS names others, MODEL_TESTS_K selects tests by pytest's -k)
@@ -23,7 +23,10 @@
 #   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm; then warm from a
 #                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing; then
 #                  with RESTART_PROFILE=1 a warm one under cProfile and -X importtime (restart_P.prof, restart_P_imports.txt).
-#                  RESTART_COLD=skip: no cold run; the steps before filled the compile cache
+#                  RESTART_COLD=skip: no cold run; the steps before filled the compile cache. RESTART_WARM=N: N warm runs.
+#                  RESTART_CLOSURE=1: each warm run again with only fluxkit's dependency closure importable
+#                  (scripts/closure_site.py: the host's other packages, which diffusers and transformers import when present,
+#                  hidden as on a clean install), after one run that primes that environment's bytecode
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
@@ -77,17 +80,26 @@ for step in "$@"; do
                ${SWEEP_VARIANTS:+--variants ${SWEEP_VARIANTS//,/ }} ${SWEEP_TIMEOUT:+--variant-timeout $SWEEP_TIMEOUT} \
                --compile ${SWEEP_COMPILE:-both} --t5 ${SWEEP_T5:-both} --out "$LOGS/sweep_${step#sweep-}${SWEEP_COMPILE:+_$SWEEP_COMPILE}" ;;
     restart-*)
-      placement=${step#restart-}; prequantized=/dev/shm/flux-nf4-$placement; runs=("cold $CKPT" "warm $CKPT")
+      placement=${step#restart-}; prequantized=/dev/shm/flux-nf4-$placement; runs=("cold $CKPT host")
       if [ "${RESTART_COLD:-}" = skip ]; then  # the compile cache of the steps before (a first process filled it)
-        runs=("warm $CKPT" "warm $CKPT")
+        runs=()
       else
         export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
       fi
+      envs=host
+      if [ -n "${RESTART_CLOSURE:-}" ]; then  # only fluxkit's dependency closure, as a clean install has it
+        [ -d /tmp/closure/venv ] || { python3 scripts/closure_site.py /tmp/closure/site && python3 -m venv --without-pip /tmp/closure/venv; }
+        envs="host closure"
+        [ ${#runs[@]} -gt 0 ] && runs+=("first $CKPT closure")  # its own bytecode and source paths: primes both
+      fi
+      for i in $(seq ${RESTART_WARM:-1}); do for env in $envs; do runs+=("warm $CKPT $env"); done; done
+      for env in $envs; do runs+=("warm $prequantized $env"); done
       [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement $placement --out $prequantized
-      for run in "${runs[@]}" "warm $prequantized"; do
+      for run in "${runs[@]}"; do
         set -- $run; t0=$EPOCHREALTIME
-        fluxkit -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
-        echo "$1 compile cache, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
+        if [ "$3" = closure ]; then python=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python); else python=(python3); fi
+        "${python[@]}" -m fluxkit.cli -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
+        echo "$1 compile cache, $3 packages, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
       # RESTART_PROFILE=1: where a warm restart goes, each import's time and a profile of the whole process
       [ -n "${RESTART_PROFILE:-}" ] && python3 -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
