@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the plain diffusers pattern, fluxkit and fluxkit bf16 side by side (GPU, resident)")
     p.add_argument("--levers", nargs="+", choices=tuple(LEVERS), default=None,
                    help="time fluxkit's path as configured against each lever changed (eager, compiled where the "
-                        "preset runs eager, CUDA graphs, untiled decode, whole-transformer compile), side by side in one process; with --baseline, beside "
-                        "the plain pattern and bf16")
+                        "preset runs eager, CUDA graphs, untiled decode, whole-transformer compile), side by side in "
+                        "one process; with --baseline, beside the plain pattern and bf16")
     p.add_argument("--rounds", type=_int_in(1, 1000), default=10, help="with --baseline or --levers: interleaved "
                                                                          "rounds")
     p.set_defaults(func=_cmd_bench)

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def closure(requirements: list[str]) -> dict[str, md.Distribution]:
     """Every installed distribution the requirements need, transitively (markers evaluated, extras followed)."""
     found: dict[str, md.Distribution] = {}
+    followed: set[tuple[str, str]] = set()  # (distribution, extra; "" for its plain requirements)
     todo = [(Requirement(r), "") for r in requirements]
     while todo:
         req, extra = todo.pop()
@@ -28,18 +29,16 @@ def closure(requirements: list[str]) -> dict[str, md.Distribution]:
             continue
         name = canonicalize_name(req.name)
         try:
-            dist = md.distribution(req.name)
+            dist = found.get(name) or md.distribution(req.name)
         except md.PackageNotFoundError:
             print(f"not installed: {req.name} (needed as {req})", file=sys.stderr)
             continue
-        new_extras = [e for e in req.extras if (name, e) not in found]
-        if name in found and not new_extras:
-            continue
         found[name] = dist
-        for e in [""] + new_extras:
-            found[(name, e)] = dist  # marks the extra as followed
-            todo += [(Requirement(r), e) for r in dist.requires or []]
-    return {k: v for k, v in found.items() if isinstance(k, str)}
+        for e in {""} | set(req.extras):
+            if (name, e) not in followed:
+                followed.add((name, e))
+                todo += [(Requirement(r), e) for r in dist.requires or []]
+    return found
 
 
 def top_level_entries(dist: md.Distribution) -> set[Path]:
