@@ -7,7 +7,7 @@
 # Env: CKPT (checkpoint folder), OUT, DRIFT_CALLS, BENCH_ITERATIONS, SWEEP_ITERATIONS, SWEEP_VARIANTS (comma-separated presets of sweep-P),
 #   SWEEP_TIMEOUT (seconds one sweep variant may take), SWEEP_COMPILE and SWEEP_T5 (both, or one side of the axis),
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
-#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, MODEL_TESTS_K, RESTART_COLD, RESTART_WARM, RESTART_CLOSURE, RESTART_PROFILE, QUANTIZATION, LEVERS.
+#   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, MODEL_TESTS_K, RESTART_COLD, RESTART_WARM, RESTART_CLOSURE, RESTART_VARIANT, RESTART_PROFILE, QUANTIZATION, LEVERS.
 #   cotenancy      tests/test_gpu_cotenancy.py
 #   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
 #                  process each; MODEL_TESTS names others, MODEL_TESTS_K selects tests by pytest's -k)
@@ -26,7 +26,9 @@
 #                  RESTART_COLD=skip: no cold run; the steps before filled the compile cache. RESTART_WARM=N: N warm runs.
 #                  RESTART_CLOSURE=1: each warm run again with only fluxkit's dependency closure importable
 #                  (scripts/closure_site.py: the host's other packages, which diffusers and transformers import when present,
-#                  hidden as on a clean install), after one run that primes that environment's bytecode
+#                  hidden as on a clean install), after one run that primes that environment's bytecode; RESTART_VARIANT
+#                  (VAR=value words): a third run per round in the closure with those set. Each run reports when its image
+#                  file was written and when the process exited (the difference is teardown).
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])")
@@ -91,18 +93,27 @@ for step in "$@"; do
         [ -d /tmp/closure/venv ] || { python3 scripts/closure_site.py /tmp/closure/site && python3 -m venv --without-pip /tmp/closure/venv; }
         envs="host closure"
         [ ${#runs[@]} -gt 0 ] && runs+=("first $CKPT closure")  # its own bytecode and source paths: primes both
+        [ -n "${RESTART_VARIANT:-}" ] && envs+=" variant"  # the closure with RESTART_VARIANT's assignments
       fi
       for i in $(seq ${RESTART_WARM:-1}); do for env in $envs; do runs+=("warm $CKPT $env"); done; done
       for env in $envs; do runs+=("warm $prequantized $env"); done
       [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement $placement --out $prequantized
       for run in "${runs[@]}"; do
         set -- $run; t0=$EPOCHREALTIME
-        if [ "$3" = closure ]; then python=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python); else python=(python3); fi
+        case $3 in
+          closure) python=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python) ;;
+          variant) python=(env PYTHONPATH="$PWD:/tmp/closure/site" $RESTART_VARIANT /tmp/closure/venv/bin/python) ;;
+          *) python=(python3) ;;
+        esac
+        rm -f "/tmp/$1.png"
         "${python[@]}" -m fluxkit.cli -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
-        echo "$1 compile cache, $3 packages, $2: process start to first image $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
+        # The image is there when its file is written; the process exits later (interpreter and CUDA teardown).
+        echo "$1 compile cache, $3 packages, $2: process start to first image $(python3 -c "import os; print(round(os.path.getmtime('/tmp/$1.png') - $t0, 1))") s, to exit $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
       # RESTART_PROFILE=1: where a warm restart goes, each import's time and a profile of the whole process
-      [ -n "${RESTART_PROFILE:-}" ] && python3 -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
+      # (in the closure where RESTART_CLOSURE is set)
+      python=(python3); [ -n "${RESTART_CLOSURE:-}" ] && python=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python)
+      [ -n "${RESTART_PROFILE:-}" ] && "${python[@]}" -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
         --model "$CKPT" --device cuda --placement $placement --out /tmp/profiled.png 2> "$LOGS/restart_${placement}_imports.txt"
       unset TORCHINDUCTOR_CACHE_DIR ;;
     *) echo "unknown step $step"; continue ;;
