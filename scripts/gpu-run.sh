@@ -20,14 +20,16 @@
 #                  an untiled decode (where P tiles) and the whole transformer compiled, interleaved in one process
 #                  (QUANTIZATION: another preset; LEVERS: other levers, space-separated)
 #   FILE.py        python3 FILE.py (a probe script kept with its run's results)
-#   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm; then warm from a
-#                  pre-quantized folder (fluxkit quantize), so quantize-on-load and pre-quantized differ in one thing; then
+#   restart-P      fresh processes to their first image under placement P: empty compile cache, then warm, from the checkpoint
+#                  and from a pre-quantized folder (fluxkit quantize) in turn, so quantize-on-load and pre-quantized differ in
+#                  one thing; then
 #                  with RESTART_PROFILE=1 a warm one under cProfile and -X importtime (restart_P.prof, restart_P_imports.txt).
-#                  RESTART_COLD=skip: no cold run; the steps before filled the compile cache. RESTART_WARM=N: N warm runs.
-#                  RESTART_CLOSURE=1: each warm run again with only fluxkit's dependency closure importable
+#                  RESTART_COLD=skip: no cold run; the steps before filled the compile cache. RESTART_WARM=N: N rounds of
+#                  warm runs, from the checkpoint and from the pre-quantized folder.
+#                  RESTART_CLOSURE=1: each warm run again with only fluxkit's dependency closure importable (=only: only there)
 #                  (scripts/closure_site.py: the host's other packages, which diffusers and transformers import when present,
 #                  hidden as on a clean install), after one run that primes that environment's bytecode; RESTART_VARIANT
-#                  (VAR=value words): a third run per round in the closure with those set. Each run reports when its image
+#                  (VAR=value words): the closure's runs again, with those set. Each run reports when its image
 #                  file was written and when the process exited (the difference is teardown).
 #   sweep-P        fluxkit sweep under placement P (every preset or SWEEP_VARIANTS, T5 quantized or not; fidelity to bf16)
 set -uo pipefail
@@ -91,12 +93,12 @@ for step in "$@"; do
       envs=host
       if [ -n "${RESTART_CLOSURE:-}" ]; then  # only fluxkit's dependency closure, as a clean install has it
         [ -d /tmp/closure/venv ] || { python3 scripts/closure_site.py /tmp/closure/site && python3 -m venv --without-pip /tmp/closure/venv; }
-        envs="host closure"
+        envs="host closure"; [ "$RESTART_CLOSURE" = only ] && envs=closure
         [ ${#runs[@]} -gt 0 ] && runs+=("first $CKPT closure")  # its own bytecode and source paths: primes both
         [ -n "${RESTART_VARIANT:-}" ] && envs+=" variant"  # the closure with RESTART_VARIANT's assignments
       fi
-      for i in $(seq ${RESTART_WARM:-1}); do for env in $envs; do runs+=("warm $CKPT $env"); done; done
-      for env in $envs; do runs+=("warm $prequantized $env"); done
+      # interleaved, so drift on the host reaches every kind of run alike
+      for i in $(seq ${RESTART_WARM:-1}); do for env in $envs; do runs+=("warm $CKPT $env" "warm $prequantized $env"); done; done
       [ -d $prequantized ] || fluxkit quantize --model "$CKPT" --device cuda --placement $placement --out $prequantized
       for run in "${runs[@]}"; do
         set -- $run; t0=$EPOCHREALTIME
