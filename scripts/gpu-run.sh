@@ -110,7 +110,7 @@ for step in "$@"; do
         rm -f "/tmp/$1.png"
         "${python[@]}" -m fluxkit.cli -v generate --prompt "restart $1" --model "$2" --device cuda --placement $placement --out "/tmp/$1.png"
         # The image is there when its file is written; the process exits later (interpreter and CUDA teardown).
-        echo "$1 compile cache, $3 packages, $2: process start to first image $(python3 -c "import os; print(round(os.path.getmtime('/tmp/$1.png') - $t0, 1))") s, to exit $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
+        echo "$1 compile cache, $3 packages, $2: process start to first image $(python3 -c "import os; p = '/tmp/$1.png'; print(round(os.path.getmtime(p) - $t0, 1) if os.path.exists(p) else 'none (no image written)')") s, to exit $(python3 -c "print(round($EPOCHREALTIME - $t0, 1))") s"
       done
       # RESTART_PROFILE=1: where a warm restart goes, each import's time and a profile of the whole process
       # (in the closure where RESTART_CLOSURE is set)
