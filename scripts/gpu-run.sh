@@ -90,7 +90,7 @@ for step in "$@"; do
       else
         export TORCHINDUCTOR_CACHE_DIR=/tmp/restart-inductor-cache; rm -rf "$TORCHINDUCTOR_CACHE_DIR"
       fi
-      envs=host
+      envs=host; closure=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python)
       if [ -n "${RESTART_CLOSURE:-}" ]; then  # only fluxkit's dependency closure, as a clean install has it
         [ -d /tmp/closure/venv ] || { python3 scripts/closure_site.py /tmp/closure/site && python3 -m venv --without-pip /tmp/closure/venv; }
         envs="host closure"; [ "$RESTART_CLOSURE" = only ] && envs=closure
@@ -103,8 +103,8 @@ for step in "$@"; do
       for run in "${runs[@]}"; do
         set -- $run; t0=$EPOCHREALTIME
         case $3 in
-          closure) python=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python) ;;
-          variant) python=(env PYTHONPATH="$PWD:/tmp/closure/site" $RESTART_VARIANT /tmp/closure/venv/bin/python) ;;
+          closure) python=("${closure[@]}") ;;
+          variant) python=(env $RESTART_VARIANT "${closure[@]}") ;;
           *) python=(python3) ;;
         esac
         rm -f "/tmp/$1.png"
@@ -114,7 +114,7 @@ for step in "$@"; do
       done
       # RESTART_PROFILE=1: where a warm restart goes, each import's time and a profile of the whole process
       # (in the closure where RESTART_CLOSURE is set)
-      python=(python3); [ -n "${RESTART_CLOSURE:-}" ] && python=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python)
+      python=(python3); [ -n "${RESTART_CLOSURE:-}" ] && python=("${closure[@]}")
       [ -n "${RESTART_PROFILE:-}" ] && "${python[@]}" -X importtime -m cProfile -o "$LOGS/restart_$placement.prof" -m fluxkit.cli -v generate --prompt "restart" \
         --model "$CKPT" --device cuda --placement $placement --out /tmp/profiled.png 2> "$LOGS/restart_${placement}_imports.txt"
       unset TORCHINDUCTOR_CACHE_DIR ;;
