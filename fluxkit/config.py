@@ -34,6 +34,8 @@ MODULATION_MODES = ("gpu", "fit")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 # What torch.compile wraps: the transformer's repeated blocks (regional: seconds to compile) or the whole transformer.
 COMPILE_SCOPES = ("blocks", "transformer")
+# Which kernel dequantizes bitsandbytes 4-bit weights for products of many tokens on a GPU (fluxkit/dequantize.py).
+DEQUANTIZE_KERNELS = ("bitsandbytes", "fluxkit")
 # One fast-path lever each: the preset fields and placement fields it changes (notes/fast_path.md says what each
 # is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
 LEVERS = {
@@ -43,6 +45,7 @@ LEVERS = {
     "reduce-overhead": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer", "cuda_graphs": False}, {}),
     "untiled-decode": ({}, {"vae_tile_size": None}),
     "whole-transformer": ({"compile_scope": "transformer"}, {}),
+    "bitsandbytes-dequantize": ({"dequantize_kernel": "bitsandbytes"}, {}),
 }
 
 # Quantized kernels whose per-call work a CUDA graph cannot replay: (backend, quant_type or None for all) -> what a
@@ -162,9 +165,15 @@ class Preset:
     compile_scope: str = "blocks"
     # Each phase's device work replayed from CUDA graphs (fastpath.GraphedCall) where the placement allows it.
     cuda_graphs: bool = False
+    dequantize_kernel: str = "bitsandbytes"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("dequantize_kernel", self.dequantize_kernel, DEQUANTIZE_KERNELS)
+        if self.dequantize_kernel == "fluxkit" and self.quantization.backend != "bitsandbytes_4bit":
+            raise ConfigError(f"preset {self.name}: dequantize_kernel fluxkit decodes bitsandbytes 4-bit weights, and "
+                              f"quantization.backend is {self.quantization.backend}; set dequantize_kernel: "
+                              "bitsandbytes")
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
         _check_choice("placement", self.placement, tuple(available_placements()))

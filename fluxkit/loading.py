@@ -379,6 +379,12 @@ def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda" and preset.dequantize_kernel == "fluxkit":
+        from .dequantize import Linear4bit, use_fluxkit_dequantize  # Triton's kernels: imported where they run
+
+        use_fluxkit_dequantize(transformer, t5)
+        if tables is not None:
+            tables.layer_4bit = Linear4bit
     stages.done("text_encoder, vae")
     return pipe, tables
 

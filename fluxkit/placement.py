@@ -53,11 +53,13 @@ class _Parked:
         move = (lambda t: t.detach().to("cpu").pin_memory()) if pin else (lambda t: t.detach().to("cpu"))
         return cls(move(linear.weight.data), state, None if linear.bias is None else move(linear.bias.data))
 
-    def apply(self, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
+              layer_4bit: type | None = None) -> torch.Tensor:
         """The layer applied to `x` on `device`: its weights copied there for this one use, then dropped.
 
-        A 4-bit weight runs through a bitsandbytes Linear4bit, so a parked layer computes exactly what the same
-        layer computes resident (bitsandbytes picks its kernel by device and batch).
+        A 4-bit weight runs through a `layer_4bit` (bitsandbytes' Linear4bit or fluxkit's, as the resident layers),
+        so a parked layer computes exactly what the same layer computes resident (the layer picks its kernel by
+        device and batch).
         """
         import bitsandbytes as bnb
 
@@ -68,8 +70,8 @@ class _Parked:
         state = copy.deepcopy(self.quant_state)
         state.to(device)
         out_features, in_features = state.shape
-        layer = bnb.nn.Linear4bit(in_features, out_features, bias is not None, compute_dtype=dtype,
-                                  quant_type=state.quant_type, device="meta")
+        layer = (layer_4bit or bnb.nn.Linear4bit)(in_features, out_features, bias is not None, compute_dtype=dtype,
+                                                  quant_type=state.quant_type, device="meta")
         # No `module=layer`: that reference cycle (layer -> weight -> layer) left every parked weight of a call on
         # the GPU until Python's garbage collector happened to run (0.3-0.5 GB more working memory, measured).
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_state=state, blocksize=state.blocksize,
@@ -132,6 +134,7 @@ class ModulationTables:
             resident = None if name in parked else self.sources[name]
             setattr(owner, attr, ModulationOutput(self.current[:, self.offsets[i]:self.offsets[i + 1]], resident))
         self.table: torch.Tensor | None = None
+        self.layer_4bit: type | None = None  # the class parked 4-bit layers run as; None: bitsandbytes' Linear4bit
 
     @property
     def parked(self) -> list[str]:
@@ -148,7 +151,8 @@ class ModulationTables:
         table = torch.empty(len(pooled) * steps, self.offsets[-1], device=self.device, dtype=self.dtype)
         for i, name in enumerate(self.names):
             source = self.sources[name]
-            out = source.apply(emb, self.device, self.dtype) if isinstance(source, _Parked) else source(emb)
+            parked = isinstance(source, _Parked)
+            out = source.apply(emb, self.device, self.dtype, self.layer_4bit) if parked else source(emb)
             table[:, self.offsets[i]:self.offsets[i + 1]] = out
         self.table = table.view(len(pooled), steps, -1)
 

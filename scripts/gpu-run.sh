@@ -9,7 +9,7 @@
 #   BASELINE_LEVERS (levers timed beside the plain pattern by the baseline step),
 #   SWEEP_PRESETS (validate's 04 notebook), REPORT_SUFFIX (report name), MODEL_TESTS, MODEL_TESTS_K, RESTART_COLD, RESTART_WARM, RESTART_CLOSURE, RESTART_VARIANT, RESTART_PROFILE, QUANTIZATION, LEVERS.
 #   cotenancy      tests/test_gpu_cotenancy.py
-#   model-tests    tests/test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
+#   model-tests    tests/test_gpu_dequantize.py, test_gpu_graphs.py, test_gpu_kernels.py, test_gpu_model.py and test_gpu_placements.py (fresh
 #                  process each; MODEL_TESTS names others, MODEL_TESTS_K selects tests by pytest's -k)
 #   references-P   render reference_images/ for the full checkpoint (nf4) under placement P (validate-P compares to them)
 #   validate-P     fluxkit validate --placement P (vortex, resident, offload); --resume goes on from a carried reports/.NAME.incomplete
@@ -58,7 +58,7 @@ for step in "$@"; do
   case $step in
     cotenancy|model-tests)
       files=tests/test_gpu_cotenancy.py
-      [ "$step" = model-tests ] && files=${MODEL_TESTS:-tests/test_gpu_graphs.py tests/test_gpu_kernels.py tests/test_gpu_model.py tests/test_gpu_placements.py}
+      [ "$step" = model-tests ] && files=${MODEL_TESTS:-tests/test_gpu_dequantize.py tests/test_gpu_graphs.py tests/test_gpu_kernels.py tests/test_gpu_model.py tests/test_gpu_placements.py}
       for f in $files; do  # each in a fresh process
         FLUXKIT_FULL_CHECKPOINT=$CKPT python3 -m pytest -s -v -p no:cacheprovider -o addopts="" ${MODEL_TESTS_K:+-k "$MODEL_TESTS_K"} "$f"
       done ;;
