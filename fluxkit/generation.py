@@ -120,6 +120,7 @@ class FluxModel:
         self.load_memory = load_memory
         self.modulation = modulation
         self.graphed: dict = {}  # phase call -> fastpath.GraphedCall, where the preset's cuda_graphs apply
+        self.fluxkit_dequantize_layers = 0  # 4-bit layers on fluxkit's dequantization kernel (dequantize.py)
         self.prompt_cache = PromptCache(preset.prompt_cache_size)
         self._schedules: dict[tuple[int, int], Schedule] = {}
         self._lock = threading.Lock()
@@ -157,7 +158,7 @@ class FluxModel:
                 "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
                 "load_stages_s": {stage: round(s, 3) for stage, s in self.load_stages.items()},
                 "compiled": self.preset.compile and self.device.type == "cuda", "compile_seconds": self.compile_seconds,
-                "cuda_graphs": bool(self.graphed)}
+                "cuda_graphs": bool(self.graphed), "fluxkit_dequantize_layers": self.fluxkit_dequantize_layers}
 
     # ---- generate -------------------------------------------------------------------------------------
 

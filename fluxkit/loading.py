@@ -264,9 +264,12 @@ def load_failure(source: str, preset: Preset, stage: str, err: Exception) -> Vor
     damaged checkpoint."""
     cause = one_line(err)
     if stage == COMPILE_STAGE:
-        levers = [(name, key) for name, key, on in (("torch.compile", "compile", preset.compile),
-                                                    ("CUDA graph capture", "cuda_graphs", preset.cuda_graphs)) if on]
-        switches = " or ".join(f"`{key}: false`" for _, key in levers)
+        levers = [(name, switch) for name, switch, on in (
+            ("torch.compile", "compile: false", preset.compile),
+            ("CUDA graph capture", "cuda_graphs: false", preset.cuda_graphs),
+            ("fluxkit's dequantization kernel", "dequantize_kernel: bitsandbytes", preset.dequantize_kernel == "fluxkit"),
+        ) if on]
+        switches = " or ".join(f"`{switch}`" for _, switch in levers)
         return VortexInitializationError(
             f"{' and '.join(name for name, _ in levers)} of {source} ({preset.name}) failed during the {stage}: {cause}",
             remediation=f"run {preset.name} without it ({switches} in its preset file; "
@@ -379,12 +382,6 @@ def _load_pipeline(source: ModelSource, preset: Preset, placement: PlacementSpec
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda" and preset.dequantize_kernel == "fluxkit":
-        from .dequantize import Linear4bit, use_fluxkit_dequantize  # Triton's kernels: imported where they run
-
-        use_fluxkit_dequantize(transformer, t5)
-        if tables is not None:
-            tables.layer_4bit = Linear4bit
     stages.done("text_encoder, vae")
     return pipe, tables
 
@@ -470,6 +467,12 @@ def _load(device, quantization, model, placement, revision, vram_limit_gb, prefl
             pipe, tables = _load_pipeline(source, preset, spec, plan, dev, dtype, stages)
             model = FluxModel(pipe, preset=preset, placement=spec, plan=plan, source=source, device=dev, dtype=dtype,
                               load_seconds=0.0, load_memory=None, modulation=tables)
+            if dev.type == "cuda" and preset.dequantize_kernel == "fluxkit":
+                from .dequantize import Linear4bit, use_fluxkit_dequantize  # Triton's kernels: imported where they run
+
+                model.fluxkit_dequantize_layers = use_fluxkit_dequantize(pipe.transformer, pipe.text_encoder_2)
+                if tables is not None:
+                    tables.layer_4bit = Linear4bit
             if dev.type == "cuda" and (preset.compile or preset.cuda_graphs):
                 stage = COMPILE_STAGE
                 if preset.compile:

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 
+from fluxkit.bench import lever_settings
 from fluxkit.config import (
     CONFIG_DIR,
     ConfigError,
@@ -127,3 +128,22 @@ def test_unknown_names_list_the_choices():
         load_preset(None)
     with pytest.raises(InputTypeError, match="placement must be a str"):
         load_placement(3)
+
+
+def test_4bit_presets_use_the_kernel_and_the_lever_turns_it_off():
+    fluxkit_kernel = {name for name in available_presets() if load_preset(name).dequantize_kernel == "fluxkit"}
+    assert fluxkit_kernel == {"nf4", "nf4-nodq", "fp4"}
+    preset, _ = lever_settings("nf4", None, ("bitsandbytes-dequantize",))["bitsandbytes-dequantize"]
+    assert preset.dequantize_kernel == "bitsandbytes"
+    assert dataclasses.replace(preset, dequantize_kernel="fluxkit") == load_preset("nf4")
+    with pytest.raises(InputError, match="already runs that way"):
+        lever_settings("bf16", None, ("bitsandbytes-dequantize",))
+
+
+@pytest.mark.parametrize("preset,value,match", [
+    ("torchao-int8wo", "fluxkit", "decodes bitsandbytes 4-bit weights.*set dequantize_kernel: bitsandbytes"),
+    ("nf4", "triton", r"dequantize_kernel='triton'.*bitsandbytes, fluxkit"),
+])
+def test_a_wrong_dequantize_kernel_is_refused(preset, value, match):
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(load_preset(preset), dequantize_kernel=value)

@@ -127,9 +127,10 @@ def test_bad_arguments_are_load_failures_that_name_the_argument(tiny_dir, kwargs
 
 def test_a_failed_fast_path_is_not_blamed_on_the_checkpoint():
     """Run 17 (H200): a compile warm-up failed and the error told the user to rebuild the checkpoint. The error names
-    what the warm-up does (torch.compile, CUDA graph capture) and how to turn each off."""
+    what the warm-up does (torch.compile, CUDA graph capture, fluxkit's dequantization kernel) and how to turn each
+    off."""
     err = RuntimeError("backend='inductor' raised:\nLoweringException: no float8 cast here\n\nSet TORCH_LOGS")
-    nf4 = load_preset("nf4")
+    nf4 = dataclasses.replace(load_preset("nf4"), dequantize_kernel="bitsandbytes")
     compiled = load_failure("synthetic-full", dataclasses.replace(nf4, cuda_graphs=False), COMPILE_STAGE, err)
     assert "torch.compile of synthetic-full (nf4) failed during the fast-path warm-up call" in str(compiled)
     assert "\n" not in str(compiled) and "LoweringException: no float8 cast here" in str(compiled)
@@ -137,6 +138,9 @@ def test_a_failed_fast_path_is_not_blamed_on_the_checkpoint():
     both = load_failure("synthetic-full", nf4, COMPILE_STAGE, err)
     assert "torch.compile and CUDA graph capture of synthetic-full (nf4)" in str(both)
     assert "`compile: false` or `cuda_graphs: false`" in both.remediation
+    every = load_failure("synthetic-full", load_preset("nf4"), COMPILE_STAGE, err)
+    assert "CUDA graph capture and fluxkit's dequantization kernel of synthetic-full" in str(every)
+    assert "`cuda_graphs: false` or `dequantize_kernel: bitsandbytes` in" in every.remediation
     damaged = load_failure("synthetic-full", nf4, "weight loading", ValueError("header too large"))
     assert "Loading synthetic-full failed: ValueError: header too large" in str(damaged)
     assert "rebuild or re-download" in damaged.remediation
