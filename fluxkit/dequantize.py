@@ -87,13 +87,13 @@ def dequantize_4bit(packed: torch.Tensor, quant_state) -> torch.Tensor:
 
 class Linear4bit(bnb.nn.Linear4bit):
     """A bitsandbytes 4-bit linear whose products of MIN_TOKENS or more dequantize with fluxkit's kernel, where it
-    decodes the weight: bf16 on a GPU, 2-D, whole quantization blocks of an even size."""
+    decodes the weight: bf16 on a GPU, packed in bytes, 2-D, whole quantization blocks of a power-of-two size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.weight.quant_state
         if (x.dtype != torch.bfloat16 or x.device.type != "cuda" or x.numel() < MIN_TOKENS * x.shape[-1]
-                or self.compute_dtype != torch.bfloat16 or len(state.shape) != 2 or state.blocksize % 2
-                or state.shape.numel() % state.blocksize):
+                or self.compute_dtype != torch.bfloat16 or self.weight.dtype != torch.uint8 or len(state.shape) != 2
+                or state.blocksize & (state.blocksize - 1) or state.shape.numel() % state.blocksize):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)  # as bitsandbytes: in the compute dtype
         return torch.nn.functional.linear(x, dequantize_4bit(self.weight, state), bias)
