@@ -165,6 +165,7 @@ class Preset:
     compile_scope: str = "blocks"
     # Each phase's device work replayed from CUDA graphs (fastpath.GraphedCall) where the placement allows it.
     cuda_graphs: bool = False
+    # Which kernel dequantizes bitsandbytes 4-bit weights for products of many tokens on a GPU (DEQUANTIZE_KERNELS).
     dequantize_kernel: str = "bitsandbytes"
 
     def __post_init__(self) -> None:
