@@ -48,7 +48,7 @@ def test_rounding_is_to_nearest_even(interpreted):
     assert not torch.equal(truncated, expected.to(torch.bfloat16))  # the case above does test the rounding
 
 
-def test_a_layer_off_the_gpu_or_of_few_tokens_keeps_bitsandbytes():
+def test_a_layer_off_the_gpu_keeps_bitsandbytes():
     torch.manual_seed(0)
     plain = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
     plain.weight = bnb.nn.Params4bit(torch.randn(64, 128, dtype=torch.bfloat16), requires_grad=False,
