@@ -1,4 +1,4 @@
-"""bitsandbytes' 4-bit weights dequantized at the card's copy speed, for the products of many tokens.
+"""bitsandbytes' 4-bit weights dequantized at ~1.8-2x its own speed, for the products of many tokens.
 
 Above a few hundred tokens bitsandbytes computes a 4-bit linear by dequantizing the weight to bf16 and calling
 cuBLAS (its own Hopper calibration; FLUX's products are compute-bound at 1024-1280 tokens). Its dequantization moves
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 # Quantization blocks per program and its warps: 2048 bytes of packed weights at bitsandbytes' default block size of
-# 64, 32 bytes per thread (the fastest of 512-16384 bytes and 1-16 warps on an H200, run 27).
+# 64, 32 bytes per thread (the fastest of 512-8192 bytes and 1-16 warps on an H200, run 27).
 BLOCKS_PER_PROGRAM = 64
 WARPS = 2
 # Products of fewer tokens than this keep bitsandbytes' kernels (FLUX's modulation layers act on one vector).
