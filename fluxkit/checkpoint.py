@@ -9,6 +9,7 @@ The meta-device components it returns are what pre-flight and `fluxkit plan` cou
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ EXPECTED_CLASSES = {
 WEIGHT_FILE_BASE = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                     "text_encoder": "model", "text_encoder_2": "model"}
 MAX_HEADER_BYTES = 100 * 2**20
+REQUANTIZE = ("quantize the original checkpoint again with `fluxkit quantize` into a fresh folder; the pre-quantized "
+              "tensor named above is damaged")
 REDOWNLOAD = ("re-run `fluxkit download` (real weights) or `fluxkit synth` (synthetic) into a fresh folder; "
               "the file named above is damaged or missing")
 
@@ -159,8 +162,9 @@ def _expected_tensors(module: torch.nn.Module) -> list[tuple[tuple[str, ...], tu
 
 
 def check_weights(folder: Path, component: str, module: torch.nn.Module, name: str = "checkpoint") -> None:
-    """Every shard whole and every tensor the config needs present with its shape (quantized folders: whole only)."""
-    found: dict[str, tuple[int, ...]] = {}
+    """Every shard whole and every tensor the config needs present with its shape; in a pre-quantized component,
+    every tensor of each 4-bit weight too, with the shape and dtype its quantization implies."""
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in weight_files(folder, component, name):
         if not path.is_file():
             raise _damaged(name, folder, f"{path.relative_to(folder)} is missing")
@@ -168,16 +172,31 @@ def check_weights(folder: Path, component: str, module: torch.nn.Module, name: s
             header = read_safetensors_header(path)
         except (OSError, ValueError) as err:
             raise _damaged(name, folder, f"{path.relative_to(folder)} is not a whole safetensors file ({err})") from None
-        found.update({k: tuple(v.get("shape", ())) for k, v in header.items()})
-    if "quantization_config" in component_config(folder, component, name):
-        return  # a pre-quantized component: packed shapes differ from the config's; the loader checks them
+        found.update({k: (tuple(v.get("shape", ())), v.get("dtype")) for k, v in header.items()})
+    saved = saved_quantization(component_config(folder, component, name), component, folder, name)
+    packed = _packed_tensors(module, saved) if saved else {}
     for aliases, shape in _expected_tensors(module):
+        if aliases[0] in packed:
+            continue
         present = [a for a in aliases if a in found]
         if not present:
             raise _damaged(name, folder, f"{component} weights lack {aliases[0]} (shape {list(shape)})")
-        if found[present[0]] != shape:
-            raise _damaged(name, folder, f"{component} weight {present[0]} has shape {list(found[present[0]])} but "
+        if found[present[0]][0] != shape:
+            raise _damaged(name, folder, f"{component} weight {present[0]} has shape {list(found[present[0]][0])} but "
                                          f"{component}/config.json implies {list(shape)}")
+    for key, (shape, dtype) in ((k, v) for tensors in packed.values() for k, v in tensors.items()):
+        if key not in found:
+            raise _damaged(name, folder, f"pre-quantized {component} lacks {key}")
+        if found[key] != (shape, dtype) and not (shape is None and found[key][1] == dtype and len(found[key][0]) == 1):
+            raise _damaged(name, folder, f"pre-quantized {component} tensor {key} is {found[key][1]} of shape "
+                                         f"{list(found[key][0])}, but its config and quantization imply {dtype} of shape "
+                                         f"{list(shape)}")
+    if saved:
+        known = {a for aliases, _ in _expected_tensors(module) for a in aliases} | {
+            k for tensors in packed.values() for k in tensors}
+        unexpected = sorted(set(found) - known)
+        if unexpected:
+            raise _damaged(name, folder, f"pre-quantized {component} holds unexpected tensor {unexpected[0]}")
 
 
 def inspect_checkpoint(folder: Path, name: str = "checkpoint") -> dict[str, torch.nn.Module]:
@@ -194,6 +213,44 @@ def inspect_checkpoint(folder: Path, name: str = "checkpoint") -> dict[str, torc
 
 # ---- pre-quantized checkpoints (written by fluxkit.quantize) ------------------------------------------
 
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # the block sizes bitsandbytes uses and fluxkit writes
+# transformers writes these beside fluxkit's keys when it saves a bitsandbytes model; they must keep these values
+TRANSFORMERS_DEFAULTS = {"llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False}
+
+
+def saved_quantization(config: dict, component: str, folder: Path, name: str) -> dict | None:
+    """A component config's `quantization_config`: None when there is none (or null), refused when it is not a
+    mapping."""
+    saved = config.get("quantization_config")
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise _damaged(name, folder, f"{component}/config.json has quantization_config {saved!r}, not a mapping")
+    return saved
+
+
+def _packed_tensors(module: torch.nn.Module, saved: dict) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """Per 4-bit weight (its parameter name), the tensors bitsandbytes serializes it as: key -> (shape, dtype)."""
+    from .quantizers import converted, keep_in_fp32
+
+    quant_type, nested = saved.get("bnb_4bit_quant_type"), bool(saved.get("bnb_4bit_use_double_quant"))
+    skip = keep_in_fp32(module)
+    out = {}
+    for n, m in module.named_modules():
+        if not converted(n, m, skip):
+            continue
+        numel = m.in_features * m.out_features
+        blocks = math.ceil(numel / NF4_BLOCK)
+        w = f"{n}.weight"
+        tensors = {w: ((math.ceil(numel / 2), 1), "U8"), f"{w}.quant_map": ((16,), "F32"),
+                   f"{w}.absmax": ((blocks,), "U8" if nested else "F32")}
+        if nested:
+            tensors.update({f"{w}.nested_absmax": ((math.ceil(blocks / NESTED_BLOCK),), "F32"),
+                            f"{w}.nested_quant_map": ((256,), "F32")})
+        tensors[f"{w}.quant_state.bitsandbytes__{quant_type}"] = (None, "U8")
+        out[w] = tensors
+    return out
+
 def quantized_components(preset: Preset, placement: PlacementSpec) -> tuple[str, ...]:
     """What a placement keeps quantized: a streamed T5 runs in the model dtype."""
     return tuple(c for c in preset.quantization.components
@@ -209,30 +266,102 @@ def quantization_config(preset: Preset) -> dict:
             "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False}
 
 
-def check_prequantized(config: dict, preset: Preset, component: str) -> None:
-    """A pre-quantized component must have been quantized the way the preset asks."""
-    saved = config.get("quantization_config")
+def check_prequantized(saved: dict, preset: Preset, component: str) -> None:
+    """A pre-quantized component must have been quantized exactly as the preset asks: the preset is the one source
+    of its settings, so every field the folder records must match it (a folder quantized on any device records the
+    preset's compute dtype; the device it loads on computes in its own, as quantize-on-load does)."""
     q = preset.quantization
-    if component not in q.components or q.backend != "bitsandbytes_4bit":
+    if component not in q.components or not q.quantizer.saves_prequantized:
         raise InputError(f"the checkpoint's {component} is pre-quantized but preset {preset.name} keeps it unquantized; "
                          "load the original checkpoint, or use the preset it was quantized with")
-    if (saved.get("bnb_4bit_quant_type"), bool(saved.get("bnb_4bit_use_double_quant"))) != (q.quant_type, q.double_quant):
-        raise InputError(f"the checkpoint's {component} is pre-quantized as {saved.get('bnb_4bit_quant_type')} "
-                         f"(double quant {bool(saved.get('bnb_4bit_use_double_quant'))}) but preset {preset.name} asks for "
-                         f"{q.quant_type} (double quant {q.double_quant}); use the matching preset")
+    expected = quantization_config(preset)
+    for key in {**expected, **saved}:
+        want = expected.get(key, TRANSFORMERS_DEFAULTS.get(key, "absent"))
+        if key.startswith("_load_in_"):  # transformers' private copies of load_in_4bit / load_in_8bit
+            want = expected.get(key[1:], "absent")
+        if want == "absent":
+            raise InputError(f"the checkpoint's {component} is pre-quantized with quantization_config.{key}="
+                             f"{saved[key]!r}, a setting fluxkit's presets do not have; quantize the original "
+                             "checkpoint again with `fluxkit quantize`")
+        if saved.get(key, "absent") != want:
+            raise InputError(f"the checkpoint's {component} is pre-quantized with quantization_config.{key}="
+                             f"{saved.get(key, 'absent')!r} but preset {preset.name} asks for {want!r}; use the preset it "
+                             "was quantized with, or quantize it again with `fluxkit quantize`")
 
 
-def check_prequantized_folder(folder: Path, preset: Preset, placement: PlacementSpec) -> bool:
-    """Whether a checkpoint holds pre-quantized components, after checking they suit the preset and placement."""
-    found = False
+def check_prequantized_folder(folder: Path, preset: Preset, name: str = "checkpoint") -> tuple[str, ...]:
+    """The pre-quantized components of a checkpoint, after checking every setting they record against the preset
+    (before their tensors are checked against those settings)."""
+    found = []
     for component in ("transformer", "text_encoder_2"):
-        config = json.loads((Path(folder) / component / "config.json").read_text())
-        if "quantization_config" not in config:
-            continue
-        found = True
-        check_prequantized(config, preset, component)
-        if component == "text_encoder_2" and placement.text_encoder_2 == "stream":
-            raise InputError(f"the checkpoint's T5 is pre-quantized but placement {placement.name} streams T5 in the "
-                             f"model dtype; save it with `fluxkit quantize --placement {placement.name}` (T5 kept "
-                             "unquantized) or choose another placement")
-    return found
+        if not (folder / component / "config.json").is_file():
+            continue  # inspect_checkpoint names what is missing
+        saved = saved_quantization(component_config(folder, component, name), component, folder, name)
+        if saved is not None:
+            found.append(component)
+            check_prequantized(saved, preset, component)
+    return tuple(found)
+
+
+def check_prequantized_placement(prequantized: tuple[str, ...], placement: PlacementSpec) -> None:
+    if "text_encoder_2" in prequantized and placement.text_encoder_2 == "stream":
+        raise InputError(f"the checkpoint's T5 is pre-quantized but placement {placement.name} streams T5 in the "
+                         f"model dtype; save it with `fluxkit quantize --placement {placement.name}` (T5 kept "
+                         "unquantized) or choose another placement")
+
+
+def loaded_4bit_states(meta: torch.nn.Module, loaded: torch.nn.Module, moved: dict) -> list[tuple]:
+    """(layer name, loaded quant state or None, the (out, in) shape its config implies) of every Linear the config
+    quantizes; a layer a placement moved out of the module (modulation tables) is looked up in `moved`, by name,
+    as its weight."""
+    from .quantizers import converted, keep_in_fp32
+
+    skip = keep_in_fp32(meta)
+    out = []
+    for n, m in meta.named_modules():
+        if converted(n, m, skip):
+            holder = moved[n] if n in moved else loaded.get_submodule(n).weight
+            out.append((n, getattr(holder, "quant_state", None), (m.out_features, m.in_features)))
+    return out
+
+
+def check_prequantized_weights(components: dict[str, list[tuple]], preset: Preset, name: str) -> None:
+    """Every loaded 4-bit weight of the pre-quantized components (component -> `loaded_4bit_states`) holds the
+    quantization state its layer needs, before the first weight is used: damage that loads (a scale table cut
+    short, another block size, a NaN scale) would otherwise fail in generate or make NaN images."""
+    import bitsandbytes.functional as F
+
+    q = preset.quantization
+    codes = {}
+    finite = []
+    for component, layers in components.items():
+        for layer, state, shape in layers:
+            where = f"pre-quantized {component} weight {layer}"
+            problem = None
+            if state is None:
+                raise VortexInitializationError(f"{name}: {where} was not loaded as a 4-bit weight.",
+                                                remediation=REQUANTIZE)
+            if (state.quant_type, state.blocksize, bool(state.nested)) != (q.quant_type, NF4_BLOCK, q.double_quant):
+                problem = (f"is {state.quant_type} in blocks of {state.blocksize} (nested {bool(state.nested)}), not "
+                           f"{q.quant_type} in blocks of {NF4_BLOCK} (nested {q.double_quant})")
+            elif tuple(state.shape) != shape:
+                problem = f"has quant state shape {list(state.shape)}, not its layer's {list(shape)}"
+            elif state.absmax.numel() != math.ceil(math.prod(state.shape) / NF4_BLOCK):
+                problem = f"has {state.absmax.numel()} block scales for {math.prod(state.shape)} weights"
+            else:
+                key = (state.quant_type, str(state.code.device))
+                codes.setdefault(key, F.get_4bit_type(state.quant_type, device=state.code.device))
+                if not torch.equal(state.code.float(), codes[key]):
+                    problem = f"has a {state.quant_type} code table that is not bitsandbytes' own"
+                scales = state.state2.absmax if state.nested else state.absmax
+                finite.append((where, torch.isfinite(scales).all()))
+                if state.nested and not math.isfinite(float(state.offset)):
+                    problem = f"has a non-finite nested offset {float(state.offset)}"
+            if problem:
+                raise VortexInitializationError(f"{name}: {where} {problem}.", remediation=REQUANTIZE)
+    if finite:
+        ok = torch.stack([flag.to("cpu") for _, flag in finite])  # one device sync for every layer
+        if not bool(ok.all()):
+            where = finite[int((~ok).nonzero()[0])][0]
+            raise VortexInitializationError(f"{name}: {where} has NaN or infinite block scales.",
+                                            remediation=REQUANTIZE)

@@ -10,6 +10,7 @@ import math
 from .errors import InputError, InputTypeError
 
 INPUT_ERRORS = (InputError, InputTypeError)
+MAX_SEED = 2**63 - 1  # seeds are torch.Generator seeds: non-negative int64
 
 
 def check_number(name: str, value: object, low: float, high: float, *, integer: bool = False,
@@ -43,3 +44,21 @@ def parse_positive_float(name: str, text: str, *, errors: tuple[type, type] = IN
     if not (math.isfinite(value) and value > 0):
         raise errors[0](f"{name}={text!r}: must be a positive finite number")
     return value
+
+
+def missing_extra(extra: str, *modules: str) -> str | None:
+    """Why a feature cannot run here: the first of `modules` that cannot be imported, and the extra that installs
+    it; None when all can (found without importing them)."""
+    import importlib.util
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            return f"needs the {module} package, which is not installed: pip install 'fluxkit[{extra}]'"
+    return None
+
+
+def require_extra(what: str, extra: str, *modules: str) -> None:
+    """Refuse `what` in one line naming the extra to install, when a module it needs is missing."""
+    problem = missing_extra(extra, *modules)
+    if problem:
+        raise InputError(f"{what} {problem}")

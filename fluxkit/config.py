@@ -2,32 +2,31 @@
 
 Every setting a run depends on (model id and revision, quantization, resolution, steps, where each
 component lives, budgets) is read from here and nowhere else, so a report can name the preset and
-placement and mean all of it. Keys and types are checked: a typo or `height: '512'` is an error that
-names the file and the key, never a silently different run.
+placement and mean all of it. A preset file holds what differs from `configs/defaults.yaml`; the dataclasses have
+no defaults of their own. Keys, types and ranges are checked: a typo, `height: '512'` or `drift_mb: .nan` is an
+error that names the file and the key, never a silently different run.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from .checks import check_choice
 from .errors import InputError, InputTypeError
+from .quantizers import BACKENDS, QUANTIZABLE_COMPONENTS
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 PLACEMENTS_FILE = CONFIG_DIR / "placements.yaml"
-QUANTIZABLE_COMPONENTS = ("transformer", "text_encoder_2")
-# quant_type per backend: bitsandbytes 4-bit data types, torchao configs (fluxkit/quantization.py), and the storage
-# dtype of diffusers' layerwise casting. bitsandbytes 8-bit has one kind.
-QUANT_TYPES = {"none": (), "bitsandbytes_4bit": ("nf4", "fp4"), "bitsandbytes_8bit": (),
-               "torchao": ("int8_weight_only", "float8_weight_only", "float8_dynamic", "int4_weight_only"),
-               "layerwise_casting": ("float8_e4m3fn", "float8_e5m2"), "gguf": ("q8_0", "q4_0")}
-BACKENDS = tuple(QUANT_TYPES)
+AUTO_PLACEMENT = "auto"  # chosen at load time from the plan (preflight.choose_placement)
 DTYPES = ("bfloat16", "float16", "float32")
 TEXT_ENCODER_2_MODES = ("gpu", "stream")
 MODULATION_MODES = ("gpu", "fit")
@@ -36,113 +35,81 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 COMPILE_SCOPES = ("blocks", "transformer")
 # Which kernel dequantizes bitsandbytes 4-bit weights for products of many tokens on a GPU (fluxkit/dequantize.py).
 DEQUANTIZE_KERNELS = ("bitsandbytes", "fluxkit")
-# One fast-path lever each: the preset fields and placement fields it changes (notes/fast_path.md says what each
-# is predicted to give). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
-LEVERS = {
-    "eager": ({"compile": False, "cuda_graphs": False}, {}),
-    "compiled": ({"compile": True}, {}),  # for the presets that run uncompiled
-    "no-cuda-graphs": ({"cuda_graphs": False}, {}),
-    "reduce-overhead": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer", "cuda_graphs": False}, {}),
-    "untiled-decode": ({}, {"vae_tile_size": None}),
-    "whole-transformer": ({"compile_scope": "transformer"}, {}),
-    "bitsandbytes-dequantize": ({"dequantize_kernel": "bitsandbytes"}, {}),
-}
-
-# Quantized kernels whose per-call work a CUDA graph cannot replay: (backend, quant_type or None for all) -> what a
-# capture does with them (H200, runs 23-24; tests/test_gpu_graphs.py holds every preset that turns graphs on).
-GRAPHS_REFUSED = {
-    ("bitsandbytes_8bit", None): "bitsandbytes 8-bit: LLM.int8 picks each call's outlier columns with torch.argwhere, "
-                                 "a shape the host must read, which a capture refuses (cudaErrorStreamCaptureInvalidated)",
-    ("layerwise_casting", None): "layerwise casting: diffusers' hooks replace each layer's weights inside every forward "
-                                 "(module.to), so a replay reads float8 weights freed after the capture (NaN images)",
-    ("gguf", "q4_0"): "GGUF q4_0: diffusers builds its shift table on the host at every dequantization "
-                      "(torch.tensor), a copy from pageable memory that a capture refuses",
-}
-
-# How long `fluxkit sweep` lets one variant's process run on a GPU before stopping it and keeping its row with the
-# reason (the longest seen, bf16 resident compiled on an H200, full-size synthetic checkpoint, took 123 s from process
-# start to its last call).
-SWEEP_VARIANT_TIMEOUT_S = 900.0
 
 
 class ConfigError(InputError):
     """A preset or placement file is wrong; the message names the file and the key."""
 
 
+def _range(low: float, high: float, *, open_low: bool = False) -> dict:
+    """Field metadata: the value's allowed range (every number must also be finite)."""
+    return {"range": (low, high, open_low)}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
-    revision: str = "main"
+    revision: str
 
 
 @dataclass(frozen=True)
 class QuantizationSpec:
     """Which components are quantized, and how; the compute dtype is the preset's `dtype`."""
 
-    backend: str = "none"
-    quant_type: str = "nf4"
-    double_quant: bool = False
-    components: tuple[str, ...] = ()
+    backend: str
+    components: tuple[str, ...]
+    quant_type: str = ""  # the backend's kind where it has several (bitsandbytes_8bit has one)
+    double_quant: bool = False  # bitsandbytes 4-bit: 8-bit absmax per block
 
     def __post_init__(self) -> None:
-        _check_choice("quantization.backend", self.backend, BACKENDS)
-        if QUANT_TYPES[self.backend]:
-            _check_choice("quantization.quant_type", self.quant_type, QUANT_TYPES[self.backend])
+        _check_choice("quantization.backend", self.backend, tuple(BACKENDS))
         for c in self.components:
             _check_choice("quantization.components", c, QUANTIZABLE_COMPONENTS)
-        if self.backend == "none" and self.components:
-            raise ConfigError("quantization.components must be empty when quantization.backend is 'none'")
-        if self.backend != "none" and not self.components:
-            raise ConfigError(f"quantization.components is empty: name what {self.backend} should quantize")
-        if self.backend == "gguf" and self.components != ("transformer",):
-            raise ConfigError("quantization.components must be [transformer] for gguf: diffusers loads GGUF "
-                              "files for its own models only")
+        problem = BACKENDS[self.backend].check(self)
+        if problem:
+            raise ConfigError(problem)
 
-
-def graphs_refused(quantization: QuantizationSpec) -> str | None:
-    """Why CUDA graphs cannot replay this quantization's kernels, or None."""
-    return (GRAPHS_REFUSED.get((quantization.backend, quantization.quant_type))
-            or GRAPHS_REFUSED.get((quantization.backend, None)))
+    @property
+    def quantizer(self):
+        return BACKENDS[self.backend]
 
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 4
-    max_sequence_length: int = 256
+    height: int = field(metadata=_range(64, 2048))
+    width: int = field(metadata=_range(64, 2048))
+    num_inference_steps: int = field(metadata=_range(1, 50))
+    max_sequence_length: int = field(metadata=_range(1, 512))
 
     def __post_init__(self) -> None:
+        _check_ranges(self, "generation")
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if not 64 <= value <= 2048 or value % 16:
-                raise ConfigError(f"generation.{name}={value}: must be a multiple of 16 in 64..2048")
-        if not 1 <= self.num_inference_steps <= 50:
-            raise ConfigError(f"generation.num_inference_steps={self.num_inference_steps}: must be in 1..50")
-        if not 1 <= self.max_sequence_length <= 512:
-            raise ConfigError(f"generation.max_sequence_length={self.max_sequence_length}: must be in 1..512")
+            if getattr(self, name) % 16:
+                raise ConfigError(f"generation.{name}={getattr(self, name)}: must be a multiple of 16 in 64..2048")
 
 
 @dataclass(frozen=True)
 class Budgets:
     """Pass/fail limits. Units are in the names: GB / MB = 10**9 / 10**6 bytes (how Vortex writes its budgets)."""
 
-    p99_latency_s: float = 12.0
-    latency_target_device: str = "NVIDIA GeForce RTX 3060"
-    flux_resident_gb: tuple[float, float] = (5.5, 6.5)  # memory_allocated() after loading, fresh process
-    flux_peak_gb: float = 6.5  # peak allocated and peak reserved during a call
-    vortex_total_gb: float = 11.8  # Flux's peak reserved + the rest of Vortex
-    rest_of_vortex_gb: float = 5.8
-    generate_rise_mb: float = 500.0
-    drift_mb: float = 50.0
-    clip_cosine_min: float = 0.70
+    p99_latency_s: float = field(metadata=_range(0, 3600, open_low=True))
+    latency_target_device: str
+    flux_resident_gb: tuple[float, float] = field(metadata=_range(0, 1e4))  # memory_allocated() after loading
+    flux_peak_gb: float = field(metadata=_range(0, 1e4, open_low=True))  # peak allocated and reserved during a call
+    vortex_total_gb: float = field(metadata=_range(0, 1e4, open_low=True))  # Flux's peak reserved + the rest of Vortex
+    rest_of_vortex_gb: float = field(metadata=_range(0, 1e4, open_low=True))
+    generate_rise_mb: float = field(metadata=_range(0, 1e6, open_low=True))
+    drift_mb: float = field(metadata=_range(0, 1e6, open_low=True))
+    clip_cosine_min: float = field(metadata=_range(-1, 1))
 
     def __post_init__(self) -> None:
+        _check_ranges(self, "budgets")
         low, high = self.flux_resident_gb
-        if not 0 <= low <= high:
+        if not low <= high:
             raise ConfigError(f"budgets.flux_resident_gb={list(self.flux_resident_gb)}: expected [low, high], low <= high")
-        if not 0 < self.rest_of_vortex_gb < self.vortex_total_gb:
-            raise ConfigError("budgets.rest_of_vortex_gb must be positive and below budgets.vortex_total_gb")
+        if not self.rest_of_vortex_gb < self.vortex_total_gb:
+            raise ConfigError(f"budgets.rest_of_vortex_gb={self.rest_of_vortex_gb} must be below "
+                              f"budgets.vortex_total_gb={self.vortex_total_gb}")
 
     @property
     def flux_share_gb(self) -> float:
@@ -154,48 +121,32 @@ class Budgets:
 class Preset:
     name: str
     model: ModelSpec
-    quantization: QuantizationSpec = dataclasses.field(default_factory=QuantizationSpec)
-    generation: GenerationSpec = dataclasses.field(default_factory=GenerationSpec)
-    budgets: Budgets = dataclasses.field(default_factory=Budgets)
-    dtype: str = "bfloat16"
-    placement: str = "resident"
-    prompt_cache_size: int = 32
-    compile: bool = True
-    compile_mode: str = "default"
-    compile_scope: str = "blocks"
+    quantization: QuantizationSpec
+    generation: GenerationSpec
+    budgets: Budgets
+    dtype: str
+    placement: str  # a placement of placements.yaml, or `auto`
+    prompt_cache_size: int = field(metadata=_range(0, 100_000))
+    compile: bool
+    compile_mode: str
+    compile_scope: str
     # Each phase's device work replayed from CUDA graphs (fastpath.GraphedCall) where the placement allows it.
-    cuda_graphs: bool = False
+    cuda_graphs: bool
     # Which kernel dequantizes bitsandbytes 4-bit weights for products of many tokens on a GPU (DEQUANTIZE_KERNELS).
-    dequantize_kernel: str = "bitsandbytes"
+    dequantize_kernel: str
 
     def __post_init__(self) -> None:
+        _check_ranges(self, f"preset {self.name}")
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("dequantize_kernel", self.dequantize_kernel, DEQUANTIZE_KERNELS)
-        if self.dequantize_kernel == "fluxkit" and self.quantization.backend != "bitsandbytes_4bit":
-            raise ConfigError(f"preset {self.name}: dequantize_kernel fluxkit decodes bitsandbytes 4-bit weights, and "
-                              f"quantization.backend is {self.quantization.backend}; set dequantize_kernel: "
-                              "bitsandbytes")
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("compile_scope", self.compile_scope, COMPILE_SCOPES)
-        _check_choice("placement", self.placement, tuple(available_placements()))
-        if self.prompt_cache_size < 0:
-            raise ConfigError(f"prompt_cache_size={self.prompt_cache_size}: must be >= 0 (0 turns the cache off)")
-        if self.compile_mode == "reduce-overhead" and self.compile_scope == "blocks":
-            raise ConfigError(f"preset {self.name}: compile_mode reduce-overhead with compile_scope blocks: each block's "
-                              "CUDA-graph replay overwrites the output of the block before it (\"accessing tensor "
-                              "output of CUDAGraphs that has been overwritten\" on an H200); set compile_scope: "
-                              "transformer")
-        if self.cuda_graphs and self.compile and self.compile_mode == "reduce-overhead":
-            raise ConfigError(f"preset {self.name}: cuda_graphs with compile_mode reduce-overhead: a graph would be "
-                              "captured around torch.compile's own; choose one (cuda_graphs: true keeps "
-                              "compile_scope: blocks and its images)")
-        refused = self.cuda_graphs and graphs_refused(self.quantization)
-        if refused:
-            raise ConfigError(f"preset {self.name}: cuda_graphs with {refused}; set cuda_graphs: false")
-        if self.compile and self.quantization.backend == "layerwise_casting":
-            raise ConfigError(f"preset {self.name}: compile=true with layerwise casting: diffusers casts each layer's "
-                              "weights inside its forward (module.to), which torch.compile(fullgraph=True) refuses "
-                              "(nn.Parameter() constructor); set compile: false")
+        _check_choice("placement", self.placement, (AUTO_PLACEMENT, *available_placements()))
+        from .fastpath import preset_refused  # the fast path's refusal rules live beside the fast path
+
+        problem = preset_refused(self)
+        if problem:
+            raise ConfigError(f"preset {self.name}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -216,10 +167,11 @@ class PlacementSpec:
     modulation: str = "gpu"
     offload_between_calls: bool = False
     vae_tile_size: int | None = None
-    working_memory_gb: float = 0.8
-    fill_headroom_gb: float = 0.0
+    working_memory_gb: float = field(default=0.8, metadata=_range(0, 1e3))
+    fill_headroom_gb: float = field(default=0.0, metadata=_range(0, 1e3))
 
     def __post_init__(self) -> None:
+        _check_ranges(self, self.name)
         _check_choice(f"{self.name}.text_encoder_2", self.text_encoder_2, TEXT_ENCODER_2_MODES)
         _check_choice(f"{self.name}.modulation", self.modulation, MODULATION_MODES)
         if self.vae_tile_size is not None and (self.vae_tile_size < 64 or self.vae_tile_size % 64):
@@ -230,8 +182,20 @@ class PlacementSpec:
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
+    check_choice(name, value, choices, errors=(ConfigError, ConfigError))
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    """Every number of a config dataclass finite and inside its field's range (NaN would make a budget unfailable)."""
+    for f in dataclasses.fields(obj):
+        if "range" not in f.metadata:
+            continue
+        low, high, open_low = f.metadata["range"]
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if not (math.isfinite(v) and (low < v if open_low else low <= v) and v <= high):
+                raise ConfigError(f"{where}.{f.name}={v}: must be a finite number in "
+                                  f"{'(' if open_low else '['}{low:g}, {high:g}]")
 
 
 def _type_name(hint: Any) -> str:
@@ -248,7 +212,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         (inner,) = [o for o in options if o is not type(None)]
         return _coerce(inner, value, where)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return build(hint, value, where)
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, list):
@@ -267,27 +231,40 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return float(value) if hint is float else value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Build a dataclass from a mapping, refusing unknown keys so that a typo is never ignored."""
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build a dataclass from a mapping, refusing unknown and missing keys so that a typo is never ignored."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(names))}")
-    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required key is missing
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    return cls(**{key: _coerce(hints[key], value, f"{where}.{key}") for key, value in data.items()})
 
 
 def _read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path.name}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path.name}: not valid YAML ({' '.join(str(err).split())})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
+
+
+def _merged(defaults: dict, overrides: Any) -> Any:
+    """`overrides` over `defaults`, mapping by mapping (a preset sets only what differs)."""
+    if not isinstance(overrides, dict):
+        return overrides
+    out = dict(defaults)
+    for key, value in overrides.items():
+        out[key] = _merged(defaults[key], value) if isinstance(defaults.get(key), dict) else value
+    return out
 
 
 def available_presets() -> list[str]:
@@ -309,12 +286,15 @@ def load_preset(name_or_path: str | Path | Preset = "nf4") -> Preset:
                              f"{', '.join(available_presets())}")
     elif not path.is_file():
         raise InputError(f"quantization={str(name_or_path)!r}: no such preset file")
-    return _build(Preset, _read_yaml(path), path.name)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of preset settings, got {type(data).__name__}")
+    return build(Preset, _merged(_read_yaml(DEFAULTS_FILE), data), path.name)
 
 
 def _placements() -> dict[str, PlacementSpec]:
     data = _read_yaml(PLACEMENTS_FILE)
-    return {name: _build(PlacementSpec, {"name": name, **spec}, f"{PLACEMENTS_FILE.name}.{name}")
+    return {name: build(PlacementSpec, {"name": name, **spec}, f"{PLACEMENTS_FILE.name}.{name}")
             for name, spec in data.items()}
 
 

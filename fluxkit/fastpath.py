@@ -1,35 +1,34 @@
-"""The fast path on a CUDA device: torch.compile of the transformer's repeated blocks and of the VAE decoder.
+"""The fast path on a CUDA device, every lever in one function (`apply_fast_path`), each beside the rule that
+turns it off (`preset_refused` when a preset is read, `graphs_unsupported` per placement).
 
-Regional compilation (diffusers' `compile_repeated_blocks`) traces one double-stream and one
-single-stream block and reuses them for all 57, so compiling costs seconds rather than the minutes a
-whole-model compile takes. A preset's `compile_scope: transformer` compiles the whole transformer instead,
-as the FACTS baseline did; measured side by side (H200, full-size synthetic checkpoint, run 17) it took the NF4
-denoise from 0.358 to 0.305 s but moved the images to 30.2 dB from eager NF4's, so `blocks` stays the default.
-torch.compile's own CUDA graphs (`compile_mode: reduce-overhead`) need the whole transformer compiled (preset
-validation says why); a preset's `cuda_graphs: true` instead captures each phase's call as it runs (regional compile,
-tiled decode and all) in a graph of fluxkit's own (`GraphedCall`), which keeps the images of the uncaptured path:
-on the H200 (full-size synthetic checkpoint, run 19) it took resident NF4 from 0.448 to 0.231 s P50 and P99/P50
-from 1.52 to 1.03.
-Compiled kernels go to a persistent cache (fluxkit's cache folder unless TORCHINDUCTOR_CACHE_DIR is set),
-so a restarted process reuses them. `load_flux_schnell` runs one warm-up call after compiling, so no
-caller's first image pays for compilation. What each lever was predicted and measured to give is in
-notes/fast_path.md.
+1. fluxkit's dequantization kernel for bitsandbytes 4-bit layers (fluxkit/dequantize.py): resident NF4 went from
+   1.29x to 1.14x bf16's call (H200, full-size synthetic checkpoint).
+2. torch.compile of the transformer's repeated blocks (diffusers' `compile_repeated_blocks`: one double-stream and
+   one single-stream block traced and reused for all 57, seconds to compile instead of minutes) and of the VAE
+   decoder. `compile_scope: transformer` compiles the whole transformer: NF4 denoise 0.358 -> 0.305 s, but the
+   images moved to 30.2 dB from eager NF4's, so `blocks` is the default.
+3. CUDA graphs of fluxkit's own (`GraphedCall`): each phase's call captured once per input signature and replayed,
+   which keeps the images of the uncaptured path; resident NF4 0.448 -> 0.231 s P50, P99/P50 1.52 -> 1.03 (H200).
+   torch.compile's own graphs (`compile_mode: reduce-overhead`) need the whole transformer compiled.
+4. One warm-up call while loading (`warm_up`), so that no caller's first image pays for compiling and capturing.
+
+Compiled kernels go to Inductor's cache: TORCHINDUCTOR_CACHE_DIR when the host sets it, else torch's default
+folder (the CLI points it at fluxkit's cache). The library never sets it: it belongs to the host's process.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .config import PlacementSpec
 from .sampling import decode, embed
-from .synthetic import cache_root
+
+if TYPE_CHECKING:
+    from .config import PlacementSpec, Preset
 
 log = logging.getLogger("fluxkit")
 
@@ -41,37 +40,34 @@ CAPTURE_WARMUP_RUNS = 2
 MAX_GRAPHS_PER_CALL = 4
 
 
-def compile_cache_dir() -> Path:
-    """Where compiled kernels persist between processes."""
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_root() / "inductor")
+@dataclass
+class FastPath:
+    """What `apply_fast_path` turned on for one loaded model."""
+
+    dequantize_layers: int = 0  # 4-bit layers on fluxkit's dequantization kernel
+    compiled: bool = False
+    graphed: dict = field(default_factory=dict)  # phase call -> GraphedCall
 
 
-def compile_components(pipe, mode: str, scope: str = "blocks") -> None:
-    """Compile the transformer (its repeated blocks, or all of it) and the VAE decoder (fullgraph: a graph break is
-    an error)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-    transformer, decoder = compile_options(mode)
-    if scope == "transformer":
-        pipe.transformer.compile(**transformer)
-    else:
-        pipe.transformer.compile_repeated_blocks(**transformer)
-    pipe.vae.decoder.compile(**decoder)
-
-
-def compile_options(mode: str) -> tuple[dict, dict]:
-    """torch.compile's options for the transformer and for the VAE decoder. The decoder gets no CUDA graphs: it runs
-    once per tile, and each replay would overwrite the tile before it (H200, run 18)."""
-    transformer = {"fullgraph": True, "mode": None if mode == "default" else mode}
-    return transformer, {**transformer, "mode": None if mode == "reduce-overhead" else transformer["mode"]}
-
-
-def warm_up(model) -> float:
-    """One call that triggers compilation; returns its seconds."""
-    start = time.perf_counter()
-    model.generate(WARMUP_PROMPT, seed=0)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter() - start
+def preset_refused(preset: Preset) -> str | None:
+    """Why a preset's fast-path settings cannot work together, or None; checked when the preset is read."""
+    quantizer = preset.quantization.quantizer
+    if preset.dequantize_kernel not in quantizer.dequantize_kernels:
+        return (f"dequantize_kernel {preset.dequantize_kernel} decodes bitsandbytes 4-bit weights, and "
+                f"quantization.backend is {quantizer.name}; set dequantize_kernel: bitsandbytes")
+    if preset.compile_mode == "reduce-overhead" and preset.compile_scope == "blocks":
+        return ("compile_mode reduce-overhead with compile_scope blocks: each block's CUDA-graph replay overwrites the "
+                "output of the block before it (\"accessing tensor output of CUDAGraphs that has been overwritten\" on "
+                "an H200); set compile_scope: transformer")
+    if preset.cuda_graphs and preset.compile and preset.compile_mode == "reduce-overhead":
+        return ("cuda_graphs with compile_mode reduce-overhead: a graph would be captured around torch.compile's own; "
+                "choose one (cuda_graphs: true keeps compile_scope: blocks and its images)")
+    refused = preset.cuda_graphs and quantizer.graphs_refused(preset.quantization.quant_type)
+    if refused:
+        return f"cuda_graphs with {refused}; set cuda_graphs: false"
+    if preset.compile and quantizer.compile_refused:
+        return f"compile=true with {quantizer.compile_refused}; set compile: false"
+    return None
 
 
 def graphs_unsupported(spec: PlacementSpec) -> str | None:
@@ -86,6 +82,58 @@ def graphs_unsupported(spec: PlacementSpec) -> str | None:
     return None
 
 
+def apply_fast_path(pipe, preset: Preset, placement: PlacementSpec, modulation, device: torch.device) -> FastPath:
+    """Every lever the preset turns on, in the order they must run; none on a CPU (they are GPU levers)."""
+    fast = FastPath()
+    if device.type != "cuda":
+        return fast
+    if preset.dequantize_kernel == "fluxkit":  # Triton's kernels: imported only where they run
+        from .dequantize import Linear4bit, use_fluxkit_dequantize
+
+        fast.dequantize_layers = use_fluxkit_dequantize(pipe.transformer, pipe.text_encoder_2)
+        if modulation is not None:
+            modulation.layer_4bit = Linear4bit  # a parked layer computes what it would compute resident
+    if preset.compile:
+        compile_components(pipe, preset.compile_mode, preset.compile_scope)
+        fast.compiled = True
+    if preset.cuda_graphs:
+        reason = graphs_unsupported(placement)
+        if reason:
+            log.info("cuda_graphs off under placement %s: %s", placement.name, reason)
+        else:
+            pool = torch.cuda.graph_pool_handle()
+            fast.graphed = {"embed": GraphedCall(embed, pool), "transformer": GraphedCall(pipe.transformer, pool),
+                            "decode": GraphedCall(decode, pool)}
+    return fast
+
+
+def compile_components(pipe, mode: str, scope: str = "blocks") -> None:
+    """Compile the transformer (its repeated blocks, or all of it) and the VAE decoder (fullgraph: a graph break is
+    an error)."""
+    transformer, decoder = compile_options(mode)
+    if scope == "transformer":
+        pipe.transformer.compile(**transformer)
+    else:
+        pipe.transformer.compile_repeated_blocks(**transformer)
+    pipe.vae.decoder.compile(**decoder)
+
+
+def compile_options(mode: str) -> tuple[dict, dict]:
+    """torch.compile's options for the transformer and for the VAE decoder. The decoder gets no CUDA graphs: it runs
+    once per tile, and each replay would overwrite the tile before it."""
+    transformer = {"fullgraph": True, "mode": None if mode == "default" else mode}
+    return transformer, {**transformer, "mode": None if mode == "reduce-overhead" else transformer["mode"]}
+
+
+def warm_up(model) -> float:
+    """One call that compiles and captures what the fast path turned on; returns its seconds."""
+    start = time.perf_counter()
+    model.generate(WARMUP_PROMPT, seed=0)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter() - start
+
+
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
@@ -95,13 +143,14 @@ class Captured:
 
 class GraphedCall:
     """`fn` replayed from a CUDA graph, captured once per input signature: one host call launches the ~2000 kernels
-    of a phase that the host otherwise launches one by one (GPU utilization median 29% on the H200, run 17).
+    of a phase that the host otherwise launches one by one (GPU utilization median 29% on the H200 without).
 
     Each replay overwrites the graph's own outputs, so they are cloned before returning: that keeps a later replay
-    (the next block, the next VAE tile, the next call) from overwriting what the caller holds, which is what broke
-    torch.compile's `reduce-overhead` in run 18. The graphs of one model share a memory pool: its calls run one at a
-    time (FluxModel's lock) and every output is cloned before the next replay. torch.cuda.make_graphed_callables
-    is made for training: it captures the backward too and needs inputs that require grad.
+    (the next block, the next VAE tile, the next call) from overwriting what the caller holds, which is what breaks
+    torch.compile's `reduce-overhead` with regional compilation. The graphs of one model share a memory pool: its
+    calls run one at a time (FluxModel's lock) and every output is cloned before the next replay.
+    torch.cuda.make_graphed_callables is made for training: it captures the backward too and needs inputs that
+    require grad.
     """
 
     def __init__(self, fn: Callable, pool) -> None:
@@ -147,15 +196,3 @@ class GraphedCall:
 def _signature(x: object) -> object:
     """What a capture depends on: a tensor's shape, dtype and device; any other argument itself (hashable)."""
     return ("tensor", tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
-
-
-def graphed_calls(pipe, spec: PlacementSpec) -> dict[str, GraphedCall]:
-    """The three device phases of a call, each replayed from CUDA graphs: text encoders, transformer, VAE decode;
-    none where the placement rules them out (logged, as compile on a CPU is)."""
-    reason = graphs_unsupported(spec)
-    if reason:
-        log.info("cuda_graphs off under placement %s: %s", spec.name, reason)
-        return {}
-    pool = torch.cuda.graph_pool_handle()
-    return {"embed": GraphedCall(embed, pool), "transformer": GraphedCall(pipe.transformer, pool),
-            "decode": GraphedCall(decode, pool)}

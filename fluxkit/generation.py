@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import MAX_SEED
 from .config import PlacementSpec, Preset
 from .errors import GenerationError
+from .fastpath import FastPath
 from .hub import ModelSource
 from .memory import PhaseMemory, device_snapshot, release_device_memory, track_phase, weight_report
 from .plan import Plan
 from .sampling import (
-    MAX_SEED,
     PHASE_RANGE,
     PHASES,
     GenerationRequest,
@@ -43,12 +44,25 @@ log = logging.getLogger("fluxkit")
 
 @dataclass
 class CallRecord:
-    """What one generate call did: its request, phase times (s, device-synchronized) and phase memory."""
+    """What one generate call did: its request, phase times (s) and phase memory.
+
+    On a GPU each phase is timed by CUDA events recorded on the current stream, read when `timings` is first asked
+    for: the call itself never waits on the device between phases.
+    """
 
     request: GenerationRequest
-    timings: dict[str, float] = field(default_factory=dict)
     memory: list[PhaseMemory] = field(default_factory=list)
     prompt_cache_hits: int = 0
+    marks: dict[str, tuple] = field(default_factory=dict)  # phase -> (start, end): CUDA events or perf_counter s
+    _timings: dict[str, float] | None = None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per phase, in order."""
+        if self._timings is None:
+            self._timings = {phase: (end - start if isinstance(start, float) else _elapsed(start, end))
+                             for phase, (start, end) in self.marks.items()}
+        return self._timings
 
     @property
     def seed(self) -> int:
@@ -60,7 +74,7 @@ class CallRecord:
 
     @property
     def peak(self) -> int | None:
-        """Highest allocated device memory during the call, bytes (each phase resets the peak counter)."""
+        """Highest allocated device memory during the call, bytes (when the model is profiling)."""
         peaks = [m.peak for m in self.memory if m.peak is not None]
         return max(peaks) if peaks else None
 
@@ -68,6 +82,11 @@ class CallRecord:
     def peak_reserved(self) -> int | None:
         peaks = [m.peak_reserved for m in self.memory if m.peak_reserved is not None]
         return max(peaks) if peaks else None
+
+
+def _elapsed(start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
 
 
 class PromptCache:
@@ -102,25 +121,25 @@ class PromptCache:
 
 
 class FluxModel:
-    """A loaded FLUX.1-schnell. Calls are serialized: one image at a time per model."""
+    """A loaded FLUX.1-schnell, built by `load_flux_schnell`. Calls are serialized: one image at a time per model."""
 
     def __init__(self, pipe, *, preset: Preset, placement: PlacementSpec, plan: Plan, source: ModelSource,
-                 device: torch.device, dtype: torch.dtype, load_seconds: float, load_memory: PhaseMemory | None,
-                 modulation=None) -> None:
+                 device: torch.device, dtype: torch.dtype, modulation, fast: FastPath, stages,
+                 placement_reason: str) -> None:
         self.pipe = pipe
         self.preset = preset
         self.placement = placement
+        self.placement_reason = placement_reason  # why this placement: asked for, or what `auto` weighed
         self.plan = plan
         self.source = source
         self.device = device
-        self.dtype = dtype
-        self.load_seconds = load_seconds
-        self.load_stages: dict[str, float] = {}  # seconds per load stage, in order (loading.LoadStages)
-        self.compile_seconds: float | None = None  # the warm-up call that compiled and captured the fast path, if any
-        self.load_memory = load_memory
+        self.dtype = dtype  # the compute dtype; `quantized_layers` says how the weights are stored
         self.modulation = modulation
-        self.graphed: dict = {}  # phase call -> fastpath.GraphedCall, where the preset's cuda_graphs apply
-        self.fluxkit_dequantize_layers = 0  # 4-bit layers on fluxkit's dequantization kernel (dequantize.py)
+        self.fast = fast
+        self.stages = stages  # loading.LoadStages: seconds and memory of each load stage
+        # Lab only (profiling, bench, sweep, in a process of their own): each phase synchronizes the device and resets
+        # the process's peak-memory counters, so that its peak and its kernels are its own. Never in a host's process.
+        self.profiling = False
         self.prompt_cache = PromptCache(preset.prompt_cache_size)
         self._schedules: dict[tuple[int, int], Schedule] = {}
         self._lock = threading.Lock()
@@ -144,21 +163,52 @@ class FluxModel:
     def components(self) -> dict[str, torch.nn.Module]:
         return {n: getattr(self.pipe, n) for n in ("transformer", "text_encoder_2", "text_encoder", "vae")}
 
+    @property
+    def load_seconds(self) -> float:
+        return self.stages.total
+
+    @property
+    def load_memory(self) -> PhaseMemory:
+        """Device memory allocated and reserved once loaded (warm-up included): what Vortex reads after loading."""
+        allocated, reserved = self.stages.memory.get(list(self.stages.seconds)[-1], (None, None))
+        return PhaseMemory("load", allocated, reserved)
+
+    @property
+    def quantized_layers(self) -> dict[str, dict[str, int]]:
+        """Per component, how many layers of each quantized class it holds (e.g. {"transformer":
+        {"bitsandbytes.nn.Linear4bit": 502}}), named by the backend's public class (fluxkit's dequantizing layer is
+        one); modulation layers parked in host memory are counted with their component."""
+        quantizer = self.preset.quantization.quantizer
+        layer_class = quantizer.layer_class()
+        if layer_class is None:
+            return {}
+        name = f"{layer_class.__module__.split('.')[0]}.nn.{layer_class.__name__}"
+        counts = {}
+        for component, module in self.components.items():
+            n = sum(isinstance(m, layer_class) for m in module.modules())
+            if component == "transformer" and self.modulation is not None:
+                n += sum(getattr(p, "quant_state", None) is not None for p in map(self.modulation.sources.get,
+                                                                                  self.modulation.parked))
+            if n:
+                counts[component] = {name: n}
+        return counts
+
     def weight_report(self) -> dict:
         return weight_report(self.components)
 
     def info(self) -> dict:
-        """What was loaded, for reports: weights, preset, placement, device, dtype."""
+        """What was loaded, for reports: weights, preset, placement, device, dtype, fast path, load stages."""
         from .placement import describe
 
-        return {"model": self.source.to_dict(), "preset": self.preset.name, "placement": describe(self.placement,
-                                                                                                  self.modulation),
+        return {"model": self.source.to_dict(), "preset": self.preset.name,
+                "placement": {**describe(self.placement, self.modulation), "reason": self.placement_reason},
                 "device": str(self.device),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "dtype": str(self.dtype).removeprefix("torch."), "load_seconds": round(self.load_seconds, 3),
-                "load_stages_s": {stage: round(s, 3) for stage, s in self.load_stages.items()},
-                "compiled": self.preset.compile and self.device.type == "cuda", "compile_seconds": self.compile_seconds,
-                "cuda_graphs": bool(self.graphed), "fluxkit_dequantize_layers": self.fluxkit_dequantize_layers}
+                "dtype": str(self.dtype).removeprefix("torch."), "quantized_layers": self.quantized_layers,
+                "load_seconds": round(self.load_seconds, 3),
+                "load_stages_s": {stage: round(s, 3) for stage, s in self.stages.seconds.items()},
+                "compiled": self.fast.compiled, "cuda_graphs": bool(self.fast.graphed),
+                "fluxkit_dequantize_layers": self.fast.dequantize_layers}
 
     # ---- generate -------------------------------------------------------------------------------------
 
@@ -213,11 +263,11 @@ class FluxModel:
         with self._phase("denoise", record):
             latents, image_ids = prepare_latents(request, pipe.transformer.config.in_channels // 4,
                                                  pipe.vae_scale_factor, self.device, self.dtype)
-            latents = denoise(self.graphed.get("transformer", pipe.transformer), latents, image_ids, cond, uncond,
+            latents = denoise(self.fast.graphed.get("transformer", pipe.transformer), latents, image_ids, cond, uncond,
                               self._schedule(request.num_inference_steps, latents.shape[1]), request.true_cfg_scale,
                               self.modulation)
         with self._phase("decode", record):
-            image = self.graphed.get("decode", decode)(pipe.vae, latents, request.height, request.width,
+            image = self.fast.graphed.get("decode", decode)(pipe.vae, latents, request.height, request.width,
                                                        pipe.vae_scale_factor)
         with self._phase("copy", record):
             if buffer is None:
@@ -232,7 +282,7 @@ class FluxModel:
             record.prompt_cache_hits += 1
             return cached.to(self.device)
         clip_ids, t5_ids = tokenize(self.pipe, text, key[1], label)
-        embeddings = PromptEmbeddings(*self.graphed.get("embed", embed)(
+        embeddings = PromptEmbeddings(*self.fast.graphed.get("embed", embed)(
             self.pipe.text_encoder, self.pipe.text_encoder_2, clip_ids.to(self.device), t5_ids.to(self.device),
             self.device, self.dtype))
         self.prompt_cache.put(key, embeddings)
@@ -246,13 +296,15 @@ class FluxModel:
 
     @contextmanager
     def _phase(self, name: str, record: CallRecord):
-        """Time one phase, device-synchronized, and record its memory."""
-        with track_phase(self.device, name, record.memory), torch.profiler.record_function(PHASE_RANGE + name):
-            start = time.perf_counter()
+        """Time one phase (CUDA events on a GPU, unless profiling) and record its memory."""
+        with track_phase(self.device, name, record.memory, peaks=self.profiling), \
+                torch.profiler.record_function(PHASE_RANGE + name):
+            events = self.device.type == "cuda" and not self.profiling
+            start = _mark(self.device) if events else time.perf_counter()
             yield
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.profiling:
                 torch.cuda.synchronize(self.device)
-            record.timings[name] = time.perf_counter() - start
+            record.marks[name] = (start, _mark(self.device) if events else time.perf_counter())
 
     def _memory_figures(self) -> dict:
         snap = device_snapshot(self.device)
@@ -260,3 +312,8 @@ class FluxModel:
             return {}
         return {f"{k}_gib": snap[k]["gib"] for k in ("allocated", "reserved", "peak", "free", "total")}
 
+
+def _mark(device: torch.device) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event

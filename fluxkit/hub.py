@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEFAULT_MODEL
-from .errors import VortexInitializationError
+from .errors import InputError, VortexInitializationError
 from .synthetic import PRESETS, ensure_synthetic, read_marker
 
 COMPONENT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
@@ -56,10 +56,14 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None) -> Mode
     if name == "auto":
         folder = cached_snapshot(DEFAULT_MODEL, revision)
         if folder is not None:
-            return ModelSource(folder, DEFAULT_MODEL, folder.name, None)
+            return ModelSource(folder, DEFAULT_MODEL, folder.name, read_marker(folder))
         name = "synthetic-tiny"
     if name.startswith("synthetic-") and name.removeprefix("synthetic-") in PRESETS:
-        path = ensure_synthetic(name.removeprefix("synthetic-"), seed=0)
+        try:
+            path = ensure_synthetic(name.removeprefix("synthetic-"), seed=0)
+        except InputError as err:  # an extra that is not installed
+            raise VortexInitializationError(f"model={name!r}: {err}.", remediation="install the extra named above, "
+                                            "or pass a checkpoint folder") from None
         return ModelSource(path, name, None, read_marker(path))
     path = Path(name).expanduser()
     if path.is_dir():
@@ -76,7 +80,7 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None) -> Mode
             f"({hf_cache_dir()}); fluxkit never downloads while loading.",
             remediation=f"run `fluxkit download --model {name}` on a machine with network access (HF_HOME picks the "
                         "cache), or pass model=<folder>; `fluxkit synth` writes a synthetic checkpoint for tests")
-    return ModelSource(folder, name, folder.name, None)
+    return ModelSource(folder, name, folder.name, read_marker(folder))  # a synthetic one says so, wherever it is
 
 
 def cached_snapshot(name: str, revision: str | None) -> Path | None:

@@ -77,14 +77,14 @@ def weight_report(components: dict[str, torch.nn.Module]) -> dict[str, dict]:
 
 @dataclass
 class PhaseMemory:
-    """Device memory over one phase, in bytes (None on CPU)."""
+    """Device memory over one phase, in bytes (None on CPU; the peaks None unless the model is profiling)."""
 
     phase: str
     allocated: int | None  # at the end of the phase
     reserved: int | None
-    peak: int | None  # peak allocated during the phase (the counter is reset at its start)
-    rise: int | None  # peak during the phase minus allocated at its start
-    peak_reserved: int | None  # what the caching allocator held from the card at most
+    peak: int | None = None  # peak allocated during the phase (the process's counter is reset at its start)
+    rise: int | None = None  # peak during the phase minus allocated at its start
+    peak_reserved: int | None = None  # what the caching allocator held from the card at most
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,11 +95,18 @@ def device_available(device: torch.device) -> bool:
 
 
 @contextmanager
-def track_phase(device: torch.device, phase: str, records: list[PhaseMemory]):
-    """Record allocated / reserved / peak device memory over one phase (None figures on CPU)."""
+def track_phase(device: torch.device, phase: str, records: list[PhaseMemory], peaks: bool = False):
+    """Record the memory allocated and reserved at the end of a phase (None figures on CPU). Without `peaks` this
+    reads the allocator's counters only: no device synchronization, and the host's peak statistics stay its own.
+    With `peaks` (the lab, in a process of its own) the phase starts by synchronizing and resetting the process's
+    peak counters, so that its peak is its own."""
     if not device_available(device):
         yield
-        records.append(PhaseMemory(phase, None, None, None, None, None))
+        records.append(PhaseMemory(phase, None, None))
+        return
+    if not peaks:
+        yield
+        records.append(PhaseMemory(phase, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)))
         return
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)

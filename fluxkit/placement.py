@@ -35,7 +35,7 @@ class ModulationOutput(torch.nn.Module):
 
 
 @dataclass
-class _Parked:
+class Parked:
     """A 4-bit (or plain) Linear kept in host memory; `on(device)` gives its dequantized weight for one use."""
 
     weight: torch.Tensor
@@ -43,7 +43,7 @@ class _Parked:
     bias: torch.Tensor | None
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Module, pin: bool) -> "_Parked":
+    def from_linear(cls, linear: torch.nn.Module, pin: bool) -> "Parked":
         state = getattr(linear.weight, "quant_state", None)
         if state is not None:
             state = copy.deepcopy(state)
@@ -92,30 +92,10 @@ def _pin_quant_state(state) -> None:
                 setattr(owner, name, t.pin_memory())
 
 
-def quantize_to_host(linear: torch.nn.Linear, quantization, device: torch.device, dtype: torch.dtype,
-                     pin: bool) -> _Parked:
-    """Quantize a plain Linear on `device` (one layer at a time: a small transient) and park it in host memory.
-
-    The weight is cast to the model dtype first, as diffusers' quantizer does for resident layers, so a
-    streamed layer holds exactly the bits it would hold on the GPU.
-    """
-    import bitsandbytes as bnb
-
-    holder = torch.nn.Module()
-    holder.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
-    if quantization.backend != "bitsandbytes_4bit":
-        holder.weight = torch.nn.Parameter(linear.weight.data.to(dtype), requires_grad=False)
-    else:
-        holder.weight = bnb.nn.Params4bit(linear.weight.data.to(device=device, dtype=dtype), requires_grad=False,
-                                          quant_type=quantization.quant_type,
-                                          compress_statistics=quantization.double_quant).to(device)
-    return _Parked.from_linear(holder, pin)
-
-
 class ModulationTables:
     """Every modulation layer of a transformer, run once per call for all steps (and both CFG conditions)."""
 
-    def __init__(self, transformer: torch.nn.Module, parked: dict[str, _Parked], device: torch.device,
+    def __init__(self, transformer: torch.nn.Module, parked: dict[str, Parked], device: torch.device,
                  dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self.time_text_embed = transformer.time_text_embed
@@ -126,7 +106,7 @@ class ModulationTables:
         for w in widths:
             self.offsets.append(self.offsets[-1] + w)
         self.current = torch.empty(1, self.offsets[-1], device=device, dtype=dtype)
-        self.sources: dict[str, torch.nn.Module | _Parked] = {}
+        self.sources: dict[str, torch.nn.Module | Parked] = {}
         for i, name in enumerate(self.names):
             owner_name, attr = name.rsplit(".", 1)
             owner = transformer.get_submodule(owner_name)
@@ -136,9 +116,13 @@ class ModulationTables:
         self.table: torch.Tensor | None = None
         self.layer_4bit: type | None = None  # the class parked 4-bit layers run as; None: bitsandbytes' Linear4bit
 
+    def weights(self) -> dict:
+        """Layer name -> its weight (a Parked layer holds its own): what a check of the loaded weights reads."""
+        return {n: s if isinstance(s, Parked) else s.weight for n, s in self.sources.items()}
+
     @property
     def parked(self) -> list[str]:
-        return [n for n, s in self.sources.items() if isinstance(s, _Parked)]
+        return [n for n, s in self.sources.items() if isinstance(s, Parked)]
 
     @torch.inference_mode()
     def prepare(self, timesteps: torch.Tensor, pooled: list[torch.Tensor]) -> None:
@@ -151,7 +135,7 @@ class ModulationTables:
         table = torch.empty(len(pooled) * steps, self.offsets[-1], device=self.device, dtype=self.dtype)
         for i, name in enumerate(self.names):
             source = self.sources[name]
-            parked = isinstance(source, _Parked)
+            parked = isinstance(source, Parked)
             out = source.apply(emb, self.device, self.dtype, self.layer_4bit) if parked else source(emb)
             table[:, self.offsets[i]:self.offsets[i + 1]] = out
         self.table = table.view(len(pooled), steps, -1)

@@ -30,22 +30,10 @@ from .config import (
 from .errors import InputError
 from .hub import cached_snapshot
 from .memory import GB
-from .quantization import (
-    GGUF_BLOCK,
-    GGUF_BLOCK_BYTES,
-    INT4_GROUP,
-    converted,
-    gguf_quantized,
-    keep_in_fp32,
-    layerwise_cast_modules,
-    layerwise_patterns,
-    unsupported_placement,
-)
+from .quantizers import PLAIN, for_component
 from .synthetic import PRESETS, meta_model
 
 CUDA_ALLOCATION_GRANULE = 512
-NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize: one absmax per 64 weights
-NESTED_BLOCK = 256  # double quantization: the absmaxes are themselves quantized in blocks of 256
 MODULATION_SUFFIXES = ("norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear")
 COMPONENT_ORDER = ("transformer", "text_encoder_2", "text_encoder", "vae")
 
@@ -55,45 +43,22 @@ def is_modulation(name: str) -> bool:
     return name.endswith(MODULATION_SUFFIXES)
 
 
-def quantized_linear_tensors(numel: int, out_features: int, spec: QuantizationSpec) -> list[int]:
-    """Bytes of each tensor a quantization backend keeps for one quantized Linear weight."""
-    if spec.backend == "bitsandbytes_8bit":
-        return [numel, out_features * 4]  # int8 data, float32 row scales (SCB)
-    if spec.backend == "gguf":
-        return [numel // GGUF_BLOCK * GGUF_BLOCK_BYTES[spec.quant_type]]  # blocks of scale and values, one tensor
-    if spec.backend == "torchao":
-        if spec.quant_type == "int8_weight_only":
-            return [numel, out_features * 4, out_features]  # int8 data, float32 row scales, int8 row zero points
-        if spec.quant_type == "int4_weight_only":  # packed data, bf16 scales and zero points per group of 128
-            groups = math.ceil(numel // out_features / INT4_GROUP) * out_features
-            return [math.ceil(numel / 2), groups * 2, groups * 2]
-        return [numel, out_features * 4]  # float8 data, float32 row scales
-    blocks = math.ceil(numel / NF4_BLOCK)
-    if spec.double_quant:  # uint8 absmax, float32 offset, nested float32 absmax and 256-entry code, 16-entry code
-        return [math.ceil(numel / 2), blocks, 4, math.ceil(blocks / NESTED_BLOCK) * 4, 256 * 4, 16 * 4]
-    return [math.ceil(numel / 2), blocks * 4, 16 * 4]  # packed data, float32 absmax, 16-entry code
-
-
-def component_tensors(module: torch.nn.Module, spec: QuantizationSpec | None, dtype_bytes: int) -> dict[str, list[int]]:
-    """Owner module name -> bytes of each tensor it will hold once loaded (quantized per `spec`)."""
-    skip = keep_in_fp32(module) if spec else ()
-    cast = set(layerwise_cast_modules(module, layerwise_patterns(module))) \
-        if spec and spec.backend == "layerwise_casting" else set()
+def component_tensors(module: torch.nn.Module, spec: QuantizationSpec, dtype_bytes: int,
+                      quantizer=PLAIN) -> dict[str, list[int]]:
+    """Owner module name -> bytes of each tensor it will hold once loaded (stored as `quantizer` stores it)."""
+    selected = quantizer.selected(module)
     out: dict[str, list[int]] = {}
     seen: set[int] = set()
     for name, mod in module.named_modules():
-        quantized = spec is not None and not cast and converted(name, mod, skip) and (
-            spec.backend != "gguf" or gguf_quantized(mod))
         for p_name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            if quantized and p_name == "weight":
-                out.setdefault(name, []).extend(quantized_linear_tensors(t.numel(), mod.out_features, spec))
-            elif name in cast and t.is_floating_point():  # stored in the 1-byte float8 storage dtype
-                out.setdefault(name, []).append(t.numel())
+            if name in selected:
+                sizes = quantizer.tensor_bytes(mod, p_name, t, dtype_bytes, spec)
             else:  # floating tensors load in the model dtype; index buffers (CLIP's position_ids) keep theirs
-                out.setdefault(name, []).append(t.numel() * (dtype_bytes if t.is_floating_point() else t.element_size()))
+                sizes = [t.numel() * (dtype_bytes if t.is_floating_point() else t.element_size())]
+            out.setdefault(name, []).extend(sizes)
     return out
 
 
@@ -166,8 +131,8 @@ def plan_placement(meta: dict[str, torch.nn.Module], preset: Preset, placement: 
     notes = []
     tensors = {}
     for name in COMPONENT_ORDER:
-        quantized = name in spec.components and not (name == "text_encoder_2" and placement.text_encoder_2 == "stream")
-        tensors[name] = component_tensors(meta[name], spec if quantized else None, dtype_bytes)
+        quantizer = for_component(spec, name, streamed_t5=placement.text_encoder_2 == "stream")
+        tensors[name] = component_tensors(meta[name], spec, dtype_bytes, quantizer)
     if "text_encoder_2" in spec.components and placement.text_encoder_2 == "stream":
         notes.append("T5 is streamed in the model dtype: group offloading moves plain tensors, so the preset's "
                      "T5 quantization does not apply")
@@ -209,7 +174,7 @@ def plan_placement(meta: dict[str, torch.nn.Module], preset: Preset, placement: 
     else:
         peak = sum(c.gpu_bytes for c in components.values())
     return Plan(preset.name, placement.name, spec, components, streamed, working, peak, budget, tuple(notes),
-                unsupported_placement(spec, placement))
+                spec.quantizer.unsupported(spec, None, placement))
 
 
 def recommend(plans: list[Plan]) -> Plan | None:

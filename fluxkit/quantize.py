@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 from transformers import T5EncoderModel
 
 from .checkpoint import WEIGHT_FILE_BASE, inspect_checkpoint, quantization_config, quantized_components
-from .config import Preset, load_placement, load_preset
+from .config import AUTO_PLACEMENT, Preset, load_placement, load_preset
 from .errors import InputError
 from .hub import resolve_model
-from .loading import bnb_config, compute_dtype, resolve_device, stream_quantized_transformer
+from .preflight import compute_dtype, resolve_device
 from .synthetic import MARKER_FILE, MAX_SHARD_BYTES
 
 
@@ -51,7 +51,12 @@ def _write_component(source: Path, out: Path, component: str, module: torch.nn.M
         old.unlink()
     state = {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
     _save_sharded(state, folder, WEIGHT_FILE_BASE[component])
-    config = json.loads((source / component / "config.json").read_text())
+    (folder / "config.json").write_text((source / component / "config.json").read_text())
+    _record_quantization(folder, preset)
+
+
+def _record_quantization(folder: Path, preset: Preset) -> None:
+    config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = quantization_config(preset)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -59,11 +64,15 @@ def _write_component(source: Path, out: Path, component: str, module: torch.nn.M
 def save_quantized(model: str, out: str | Path, quantization: str | Preset = "nf4", placement: str | None = None,
                    device: str = "auto") -> Path:
     """Quantize `model` per preset (bitsandbytes 4-bit) and write it to `out` as a complete checkpoint folder."""
+    from .loading import plan_load
+
     preset = load_preset(quantization)
-    spec = load_placement(placement or preset.placement)
-    if preset.quantization.backend != "bitsandbytes_4bit":
+    spec = (plan_load(device, preset, model, placement=placement, preflight_check=False).placement
+            if (placement or preset.placement) == AUTO_PLACEMENT else load_placement(placement or preset.placement))
+    quantizer = preset.quantization.quantizer
+    if not quantizer.saves_prequantized:
         raise InputError(f"quantization={preset.name!r}: only bitsandbytes 4-bit presets are saved pre-quantized "
-                         "(nf4, fp4)")
+                         "(nf4, nf4-nodq, fp4)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"out={out}: exists and is not empty; choose a new or empty folder")
@@ -80,18 +89,21 @@ def save_quantized(model: str, out: str | Path, quantization: str | Preset = "nf
         shutil.copytree(source.path, work, dirs_exist_ok=True, symlinks=False)
         components = quantized_components(preset, spec)
         if "transformer" in components:
-            transformer, _ = stream_quantized_transformer(source.path, preset.quantization, dtype, dev, (), pin=False)
+            transformer, _ = quantizer.stream_transformer(source.path, preset.quantization, dtype, dev, (), pin=False)
             _write_component(source.path, work, "transformer", transformer, preset)
             del transformer
         if "text_encoder_2" in components:
             device_map = {"": dev} if dev.type == "cuda" else {"": "cpu"}
             t5 = T5EncoderModel.from_pretrained(source.path / "text_encoder_2", dtype=dtype, device_map=device_map,
-                                                quantization_config=bnb_config(preset.quantization, "transformers",
-                                                                               dtype))
+                                                quantization_config=quantizer.library_config(preset.quantization,
+                                                                                             "transformers", dtype))
             for old in (work / "text_encoder_2").glob("*.safetensors*"):
                 old.unlink()
             t5.save_pretrained(work / "text_encoder_2")
             del t5
+            # transformers records the dtype it quantized from (float32 on a CPU); the folder records the preset's,
+            # as for the transformer: what the weights are for, whichever device quantized them
+            _record_quantization(work / "text_encoder_2", preset)
         marker = work / MARKER_FILE
         if marker.is_file():
             data = json.loads(marker.read_text())

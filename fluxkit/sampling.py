@@ -17,18 +17,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import check_number
+from .checks import MAX_SEED, check_number
 from .config import GenerationSpec
 from .errors import InputError, InputTypeError
 
 log = logging.getLogger("fluxkit")
 
 CLIP_MAX_TOKENS = 77
-MAX_SEED = 2**63 - 1
 MAX_TOKENIZED_CHARS = 8192  # far beyond 512 T5 tokens: longer prompts are cut before tokenizing
 PHASES = ("text_encode", "denoise", "decode", "copy")
 PHASE_RANGE = "fluxkit."  # profiler ranges of the phases are named fluxkit.<phase>
-_BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control, format (zero-width), separators
+# What renders as nothing: control and format characters (zero-width), separators, combining marks with nothing to
+# combine with, and the letters and symbols that are blank by design (Hangul fillers, the Braille blank, Khmer's
+# invisible vowels, the Mongolian vowel separator).
+_BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me")
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5\u180e")
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def clean_prompt(prompt: object, name: str = "prompt", allow_empty: bool = False
                              "text; decode the source with errors='replace' or remove it")
     text = re.sub(r"[\t\n\r]+", " ", prompt)
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cc").strip()
-    if not allow_empty and all(unicodedata.category(ch) in _BLANK_CATEGORIES for ch in text):
+    if not allow_empty and all(ch in _BLANK_CHARACTERS or unicodedata.category(ch) in _BLANK_CATEGORIES for ch in text):
         raise InputError(f"{name} is empty, whitespace or invisible characters only; describe the image to generate")
     return text
 
@@ -163,23 +166,26 @@ def check_inputs(prompt: object, *, negative_prompt: object, num_inference_steps
 
 # ---- encode -----------------------------------------------------------------------------------------
 
-def _warn_truncation(tokenizer, text: str, limit: int, label: str, encoder: str) -> None:
-    count = len(tokenizer(text, truncation=False)["input_ids"])
-    if count > limit:
-        log.warning("%s truncated to %d %s tokens (%d given%s)", label, limit, encoder, count,
-                    f", from the first {MAX_TOKENIZED_CHARS} characters" if len(text) == MAX_TOKENIZED_CHARS else "")
+def _token_count(tokenizer, text: str) -> int:
+    # verbose=False: transformers' own "Token indices sequence length is longer than..." warning would add a line
+    return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
 
 def tokenize(pipe, text: str, max_sequence_length: int, label: str = "Prompt") -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP and T5 token ids of one prompt, padded to their fixed lengths (so every prompt has one shape).
+    """CLIP and T5 token ids of one prompt, padded to their fixed lengths (so every prompt has one shape); a prompt
+    longer than either encoder takes is truncated with one warning line, which never echoes the removed text.
 
     Adapted from diffusers.pipelines.flux.pipeline_flux.FluxPipeline._get_clip_prompt_embeds and
     _get_t5_prompt_embeds, without their untruncated re-tokenization, which writes the removed text
     (up to the whole prompt) into the log on every call.
     """
     text = text[:MAX_TOKENIZED_CHARS]
-    _warn_truncation(pipe.tokenizer, text, CLIP_MAX_TOKENS, label, "CLIP")
-    _warn_truncation(pipe.tokenizer_2, text, max_sequence_length, label, "T5")
+    clip_count = _token_count(pipe.tokenizer, text)
+    t5_count = _token_count(pipe.tokenizer_2, text)
+    if clip_count > CLIP_MAX_TOKENS or t5_count > max_sequence_length:
+        cut = "" if len(text) < MAX_TOKENIZED_CHARS else f", from its first {MAX_TOKENIZED_CHARS} characters"
+        log.warning("%s truncated to %d tokens (CLIP: %d given; T5 keeps %d of %d%s)", label, CLIP_MAX_TOKENS,
+                    clip_count, min(t5_count, max_sequence_length), t5_count, cut)
     clip_ids = pipe.tokenizer(text, padding="max_length", max_length=CLIP_MAX_TOKENS, truncation=True,
                               return_tensors="pt").input_ids
     t5_ids = pipe.tokenizer_2(text, padding="max_length", max_length=max_sequence_length, truncation=True,

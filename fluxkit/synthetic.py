@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .cache import cache_root, derived
+from .checks import require_extra
 from .errors import InputError, VortexInitializationError
 
 MARKER_FILE = "fluxkit_synthetic.json"
@@ -76,11 +78,6 @@ MODEL_INDEX = {
 PRESETS = tuple(TRANSFORMER)
 
 
-def cache_root() -> Path:
-    """FLUXKIT_CACHE, else ~/.cache/fluxkit: synthetic checkpoints and files derived from checkpoints."""
-    return Path(os.environ.get("FLUXKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fluxkit"))
-
-
 def default_cache_dir() -> Path:
     return cache_root() / "synthetic"
 
@@ -102,12 +99,22 @@ def read_marker(folder: str | Path) -> dict | None:
 
 
 def ensure_synthetic(preset: str = "tiny", seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The cached synthetic checkpoint for (preset, seed), built on first use."""
+    """The cached synthetic checkpoint for (preset, seed), built on first use and checked on every use (rebuilt
+    when a file of it is damaged)."""
     folder = Path(cache_dir or default_cache_dir()) / f"{preset}-seed{seed}"
+    return derived(folder, lambda out: write_synthetic(out, preset=preset, seed=seed), verify_synthetic,
+                   "the cached synthetic checkpoint")
+
+
+def verify_synthetic(folder: Path) -> None:
+    """Raises unless `folder` is a complete synthetic checkpoint whose weight files are whole (headers only)."""
+    from .checkpoint import read_safetensors_header
+
     marker = read_marker(folder)
-    if marker and marker.get("complete"):
-        return folder
-    return write_synthetic(folder, preset=preset, seed=seed)
+    if not (marker and marker.get("complete")):
+        raise ValueError("its marker is missing or incomplete")
+    for path in sorted(folder.glob("*/*.safetensors")):
+        read_safetensors_header(path)
 
 
 def write_synthetic(out: str | Path, preset: str = "tiny", seed: int = 0, device: str | None = None,
@@ -120,6 +127,8 @@ def write_synthetic(out: str | Path, preset: str = "tiny", seed: int = 0, device
     """
     if preset not in PRESETS:
         raise InputError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
+    # the stand-in T5 tokenizer is trained with sentencepiece; CLIP's vocabulary is the file open_clip ships
+    require_extra("a synthetic checkpoint", "synthetic", "sentencepiece", "google.protobuf", "open_clip")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed={seed!r}: must be a non-negative integer")
     out = Path(out)

@@ -1,2 +1,2 @@
 """The fluxkit version, importable without importing the library."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -3,7 +3,7 @@
 # (a later device call re-syncs the checkout and must not touch a running job), then return at once.
 # Poll it with scripts/gpu-poll.sh in back-to-back calls: the machine is released after 30 s without a call.
 # Usage: bash scripts/gpu-background.sh STEP...   (env as for gpu-run.sh; RUN_DIR, default /tmp/fk)
-#        bash scripts/gpu-background.sh --lanes "STEPS of lane 0" "STEPS of lane 1" ...   (scripts/gpu-lanes.sh)
+# Several GPUs: the sweep's `--ray` step spreads its variants over all of them.
 set -euo pipefail
 RUN_DIR=${RUN_DIR:-/tmp/fk}
 if [ -f "$RUN_DIR/.start" ] && [ ! -f "$RUN_DIR/DONE" ]; then
@@ -11,8 +11,6 @@ if [ -f "$RUN_DIR/.start" ] && [ ! -f "$RUN_DIR/DONE" ]; then
 fi
 rm -rf "$RUN_DIR" /tmp/fkrepo && mkdir -p "$RUN_DIR" && cp -r . /tmp/fkrepo && touch "$RUN_DIR/.start"
 cd /tmp/fkrepo
-runner=scripts/gpu-run.sh
-[ "${1:-}" = --lanes ] && { runner=scripts/gpu-lanes.sh; shift; }
-setsid nohup bash -c "OUT=$RUN_DIR PYTHONPATH=/tmp/fkrepo:\${PYTHONPATH:-} bash $runner $(printf '%q ' "$@"); touch $RUN_DIR/DONE" \
+setsid nohup bash -c "OUT=$RUN_DIR PYTHONPATH=/tmp/fkrepo:\${PYTHONPATH:-} bash scripts/gpu-run.sh $(printf '%q ' "$@"); touch $RUN_DIR/DONE" \
   > "$RUN_DIR/run.log" 2>&1 < /dev/null &
 echo "started: $* (log $RUN_DIR/run.log)"

@@ -8,7 +8,7 @@ RUN_DIR=${RUN_DIR:-/tmp/fk}
 [ -f "$RUN_DIR/.start" ] || { echo "no run in $RUN_DIR: this is a fresh machine (the last one was released)"; exit 3; }
 end=$((SECONDS + ${1:-540}))
 while [ ! -f "$RUN_DIR/DONE" ] && [ $SECONDS -lt $end ]; do sleep 10; done
-grep -H "^== \|sweep variant" "$RUN_DIR"/*.log "$RUN_DIR"/lane*/logs/*.log 2>/dev/null; tail -n 3 "$RUN_DIR"/*.log
+grep -H "^== \|sweep variant" "$RUN_DIR"/*.log "$RUN_DIR"/logs/*.log 2>/dev/null; tail -n 3 "$RUN_DIR"/*.log
 [ -f "$RUN_DIR/DONE" ] && echo "DONE" || echo "still running"
 ( cd /tmp/fkrepo && find reports reference_images -type f -newer "$RUN_DIR/.start" ) > "$RUN_DIR/new-files.txt"
 tar czf "$OUT/snapshot.tgz" --exclude="*results.tgz" -C "$RUN_DIR" . -C /tmp/fkrepo -T "$RUN_DIR/new-files.txt"

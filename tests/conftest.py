@@ -44,6 +44,14 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def prequantized(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint saved pre-quantized by `fluxkit quantize` (nf4, for the resident placement, on CPU)."""
+    from fluxkit.quantize import save_quantized
+
+    return save_quantized(str(tiny_dir), tmp_path_factory.mktemp("prequantized") / "nf4", "nf4", "resident", "cpu")
+
+
+@pytest.fixture(scope="session")
 def full_dir(cache_dir):
     """The full-size synthetic checkpoint: FLUXKIT_FULL_CHECKPOINT if set (built once on the host), else built here."""
     from fluxkit.synthetic import ensure_synthetic

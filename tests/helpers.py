@@ -69,11 +69,11 @@ def resident_images(model_dir, device: str, seed: int):
 @contextlib.contextmanager
 def uncaptured(model):
     """The model's calls without its CUDA graphs, through the same compiled modules: what the graphs must equal."""
-    graphed, model.graphed = model.graphed, {}
+    graphed, model.fast.graphed = model.fast.graphed, {}
     try:
         yield model
     finally:
-        model.graphed = graphed
+        model.fast.graphed = graphed
 
 
 def process_settings() -> dict:
@@ -88,14 +88,102 @@ def process_settings() -> dict:
                    "deterministic": torch.are_deterministic_algorithms_enabled(), "grad": torch.is_grad_enabled()}
 
 
-def settings_changed_by_loads(model_dir, presets: list[str]) -> dict[str, list[str]]:
-    """Run in a fresh process (nothing loaded before): preset -> the settings its load changed."""
-    from fluxkit import load_flux_schnell
+def run_main(*args: str) -> tuple[int, str, str]:
+    """The CLI's main in this process, as a user's command line runs it, without the seconds an interpreter and its
+    imports take to start: (exit code, stdout, stderr). `run_cli` runs the real entry point."""
+    import contextlib
+    import io
 
-    changed = {}
-    for preset in presets:
-        before = process_settings()
-        load_flux_schnell(device="cpu", quantization=preset, model=model_dir)
-        after = process_settings()
-        changed[preset] = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    return changed
+    from fluxkit import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def closure_site():
+    """scripts/closure_site.py: a package's dependency closure as a folder of links into this Python's packages."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("closure_site", ROOT / "scripts" / "closure_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_wheel(out: Path) -> Path:
+    """The fluxkit wheel, built from this checkout as `pip wheel` builds it for an install."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+    [wheel] = out.glob("fluxkit-*.whl")
+    return wheel
+
+
+def fresh_environment(folder: Path, wheel: Path, extras: tuple[str, ...] = ()) -> Path:
+    """A new virtual environment outside the checkout holding the wheel and, for its dependencies (with `extras`),
+    only their closure: links into this Python's installed packages, so that nothing is downloaded and nothing
+    else can be imported. Returns its interpreter."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
+    python = folder / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        requires = [line.split(":", 1)[1].strip() for line in zf.read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]
+    site_tools = closure_site()
+    links = folder / "closure"
+    links.mkdir()
+    for dist in site_tools.closure(wheel_requirements(requires, extras)).values():
+        for entry in site_tools.top_level_entries(dist):
+            if entry.exists() and not (links / entry.name).exists():
+                (links / entry.name).symlink_to(entry)
+    (site / "closure.pth").write_text(str(links) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, text=True, timeout=300)
+    return python
+
+
+def wheel_requirements(requires: list[str], extras: tuple[str, ...]) -> list[str]:
+    """A wheel's Requires-Dist lines with `extras` (its own extras, `fluxkit[synthetic,metrics]`, expanded), as
+    requirements without markers."""
+    from packaging.requirements import Requirement
+
+    out, todo, seen = [], {"", *extras}, set()
+    while todo:
+        extra = todo.pop()
+        seen.add(extra)
+        for text in requires:
+            req = Requirement(text)
+            if not ((req.marker is None and extra == "") or (req.marker is not None
+                                                              and req.marker.evaluate({"extra": extra}))):
+                continue
+            if req.name == "fluxkit":
+                todo |= set(req.extras) - seen
+                continue
+            out.append(f"{req.name}{'[' + ','.join(sorted(req.extras)) + ']' if req.extras else ''}{req.specifier}")
+    return out
+
+
+def task_cache(checkpoint: Path, folder: Path) -> Path:
+    """A Hugging Face cache in `folder` holding `checkpoint` as black-forest-labs/FLUX.1-schnell at the revision the
+    presets pin: the task's literal `load_flux_schnell(device, quantization)` then finds it as it would find the
+    real weights, through the cache lookup (and reports it as synthetic: its marker travels with it)."""
+    preset = load_preset("nf4")
+    repo = folder / f"models--{preset.model.id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / preset.model.revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(preset.model.revision)
+    for entry in Path(checkpoint).iterdir():
+        (snapshot / entry.name).symlink_to(entry.resolve())
+    return folder

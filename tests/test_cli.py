@@ -1,4 +1,5 @@
-"""The command line: thin over the library, every argument checked before work, one-line user errors."""
+"""The command line: thin over the library, every argument, file and environment variable checked before work,
+one-line user errors."""
 import json
 import os
 
@@ -6,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxkit import cli
+from fluxkit.cli import run as run_commands
 from fluxkit.config import available_placements, available_presets
-from helpers import PROMPT, copy_checkpoint, run_cli
+from helpers import PROMPT, copy_checkpoint, run_cli, run_main
 
 
 def test_generate_writes_a_png(tiny_dir, tmp_path):
+    """The installed entry point, in a process of its own."""
     out = tmp_path / "img.png"
     run = run_cli("generate", "--prompt", PROMPT, "--seed", "3", "--model", str(tiny_dir), "--device", "cpu",
                   "--placement", "vortex", "--out", str(out))
@@ -21,12 +23,30 @@ def test_generate_writes_a_png(tiny_dir, tmp_path):
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
 
 
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fails the test if a command loads a model: a user error must be found before anything heavy."""
+    import fluxkit.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the user error was found")
+
+    monkeypatch.setattr(fluxkit.loading, "load_flux_schnell", refuse)
+
+
 def _user_errors(tmp_path, tiny_dir):
     (tmp_path / "a_dir.png").mkdir()
+    (tmp_path / "x.jpg").write_text("a file, not a folder")
     damaged = copy_checkpoint(tiny_dir, tmp_path / "damaged")
     (damaged / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 4)
     gen = ["generate", "--prompt", PROMPT, "--model", str(tiny_dir), "--device", "cpu"]
     ok_png = str(tmp_path / "x.png")
+    files = {"broken.json": "{not json", "list.json": "[1, 2]", "nope.json": json.dumps({"model": {"preset": "nope"}}),
+             "broken.yaml": "cases: [unclosed", "bad_seed.yaml": "cases: [{name: a, prompt: a cat, seed: abc}]",
+             "blank.yaml": "cases: [{name: a, prompt: '\u3164', seed: 1}]", "extra.yaml": "cases: [{name: a}]"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    sweep = ["sweep", "--device", "cpu", "--out", str(tmp_path / "sweep"), "--prompts"]
     return {
         "empty prompt": (["generate", "--prompt", "  ", "--model", str(tiny_dir), "--out", ok_png], "prompt is empty"),
         "seed -1": (gen + ["--seed", "-1", "--out", ok_png], "argument --seed: -1 is outside"),
@@ -45,37 +65,78 @@ def _user_errors(tmp_path, tiny_dir):
         "unknown placement": (gen + ["--placement", "gpu", "--out", ok_png], "argument --placement: invalid choice"),
         "bad device": (gen[:-2] + ["--device", "gpu", "--out", ok_png], "argument --device"),
         "unknown clip": (["validate", "--clip-pretrained", "nope"], "unknown to open_clip"),
-        "missing weights": (["generate", "--prompt", "a cat", "--model", "black-forest-labs/FLUX.1-schnell",
-                             "--device", "cpu", "--out", ok_png], "Weights for black-forest-labs/FLUX.1-schnell"),
-        "damaged checkpoint": (["generate", "--prompt", "a cat", "--model", str(damaged), "--device", "cpu",
-                                "--out", ok_png], "is not a whole safetensors file"),
-        "synth into a file": (["synth", "--out", str(tmp_path / "x.jpg")], None),
+        "synth into a file": (["synth", "--out", str(tmp_path / "x.jpg")], "exists and is not a folder"),
         "plain pattern of a torchao preset": (["bench", "--baseline", "plain", "--quantization", "torchao-int8wo"],
                                               "bitsandbytes quantizer"),
-        "preset this device cannot run": (gen + ["--quantization", "torchao-fp8dq", "--out", ok_png],
-                                          "compute capability 8.9"),
+        "estimate from broken JSON": (["estimate", "--from", str(tmp_path / "broken.json")], "is not valid JSON"),
+        "estimate from a JSON list": (["estimate", "--from", str(tmp_path / "list.json")], "not an object"),
+        "estimate from an unknown preset": (["estimate", "--from", str(tmp_path / "nope.json")],
+                                            "nope.json: model.preset 'nope' is not a preset"),
+        "estimate check of broken JSON": (["estimate", "--from", str(tmp_path / "nope.json"), "--check",
+                                           str(tmp_path / "broken.json")], "argument --check"),
+        "sweep prompts not YAML": (sweep + [str(tmp_path / "broken.yaml")], "broken.yaml: not valid YAML"),
+        "sweep prompt seed not a number": (sweep + [str(tmp_path / "bad_seed.yaml")], "case 0: seed must be an int"),
+        "sweep prompt invisible": (sweep + [str(tmp_path / "blank.yaml")], "invisible characters only"),
+        "sweep prompt keys": (sweep + [str(tmp_path / "extra.yaml")], "expected exactly the keys name, prompt"),
     }
 
 
-def test_user_errors_are_one_line_with_exit_2(tiny_dir, tmp_path):
-    (tmp_path / "x.jpg").write_text("a file, not a folder")
+def test_user_errors_are_one_line_with_exit_2_before_any_load(tiny_dir, tmp_path, no_load):
     for case, (args, expected) in _user_errors(tmp_path, tiny_dir).items():
-        run = run_cli(*args, env_extra={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
-        lines = run.stderr.strip().splitlines()
-        lines = [line for line in lines if "kernels-community" not in line and "Loading weights" not in line]
-        assert run.returncode == 2, (case, run.stderr)
-        assert len(lines) == 1 and lines[0].startswith("fluxkit: error: "), (case, run.stderr)
-        assert expected is None or expected in lines[0], (case, lines[0])
+        code, _, err = run_main(*args)
+        lines = err.strip().splitlines()
+        assert code == 2, (case, err)
+        assert len(lines) == 1 and lines[0].startswith("fluxkit: error: "), (case, err)
+        assert expected in lines[0], (case, lines[0])
         assert not (tmp_path / "x.png").exists(), case
+
+
+def test_missing_or_damaged_weights_are_one_line_too(tiny_dir, tmp_path):
+    damaged = copy_checkpoint(tiny_dir, tmp_path / "damaged")
+    (damaged / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 4)
+    for model, expected in ((damaged, "is not a whole safetensors file"),
+                            ("black-forest-labs/FLUX.1-schnell", "Weights for black-forest-labs/FLUX.1-schnell")):
+        code, _, err = run_main("generate", "--prompt", "a cat", "--model", str(model), "--device", "cpu", "--out",
+                                str(tmp_path / "x.png"))
+        assert code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("variable,value,match", [
+    ("FLUXKIT_CACHE", "file", "FLUXKIT_CACHE=.*is not a folder"),
+    ("FLUXKIT_REFERENCE_DIR", "file", "FLUXKIT_REFERENCE_DIR=.*is not a folder"),
+    ("FLUXKIT_VRAM_LIMIT_GB", "abc", "FLUXKIT_VRAM_LIMIT_GB='abc': not a number"),
+])
+def test_environment_variables_are_checked_before_work(tmp_path, monkeypatch, no_load, variable, value, match):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv(variable, str(tmp_path / "file") if value == "file" else value)
+    code, _, err = run_main("references", "--device", "cpu", "--out", str(tmp_path / "refs"))
+    assert code == 2 and err.count("\n") == 1
+    assert __import__("re").search(match, err), err
+
+
+def test_references_refuse_to_overwrite_before_loading(tiny_dir, tmp_path, monkeypatch):
+    code, _, err = run_main("references", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "refs"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "refs" / "manifest.json").read_text())
+    assert len(manifest["cases"]) == 4 and all((tmp_path / "refs" / c["file"]).is_file() for c in manifest["cases"])
+    import fluxkit.loading
+
+    monkeypatch.setattr(fluxkit.loading, "load_flux_schnell", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run_main("references", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "refs"))
+    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    (tmp_path / "refs" / "manifest.json").write_text("{broken")
+    code, _, err = run_main("references", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "refs"),
+                            "--overwrite")
+    assert code == 2 and "manifest.json is not valid JSON" in err and err.count("\n") == 1
 
 
 def test_library_bugs_keep_their_traceback(monkeypatch):
     def broken(args):
         raise RuntimeError("a bug, not a user error")
 
-    monkeypatch.setattr(cli, "_cmd_info", broken)
+    monkeypatch.setattr(run_commands, "info", broken)
     with pytest.raises(RuntimeError, match="a bug"):
-        cli.main(["info"])
+        run_main("info")
 
 
 def test_offline_comes_from_the_command_not_from_other_arguments(monkeypatch, tmp_path):
@@ -83,49 +144,50 @@ def test_offline_comes_from_the_command_not_from_other_arguments(monkeypatch, tm
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    code = cli.main(["generate", "--prompt", "download the moon", "--model", "no-such/model", "--device", "cpu",
-                     "--out", str(tmp_path / "a.png")])
+    code, _, _ = run_main("generate", "--prompt", "download the moon", "--model", "no-such/model", "--device", "cpu",
+                          "--out", str(tmp_path / "a.png"))
     assert code == 2  # not cached, and never fetched
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
-    run = run_cli("info", "--json")
-    assert json.loads(run.stdout)["hf_hub_offline"] is True
 
 
 def test_synth_then_generate_from_it(tmp_path):
-    run = run_cli("synth", "--preset", "tiny", "--seed", "4", "--out", str(tmp_path / "ckpt"))
-    assert run.returncode == 0, run.stderr
+    code, _, err = run_main("synth", "--preset", "tiny", "--seed", "4", "--out", str(tmp_path / "ckpt"))
+    assert code == 0, err
     assert json.loads((tmp_path / "ckpt" / "fluxkit_synthetic.json").read_text())["seed"] == 4
-    run = run_cli("generate", "--prompt", "a cat", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "a.png"))
-    assert run.returncode == 0, run.stderr
+    code, out, err = run_main("generate", "--prompt", "a cat", "--model", str(tmp_path / "ckpt"), "--out",
+                              str(tmp_path / "a.png"))
+    assert code == 0 and "synthetic tiny (seed 4" in out, err
 
 
-def test_info_reports_versions_and_cache(tmp_path):
-    run = run_cli("info", "--json", env_extra={"HF_HUB_CACHE": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
-    info = json.loads(run.stdout)
+def test_info_reports_versions_and_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    code, out, err = run_main("info", "--json")
+    assert code == 0, err
+    info = json.loads(out)
     for key in ("torch", "diffusers", "transformers", "bitsandbytes"):
         assert info[key]
-    assert info["cached_flux_models"] == [] and info["cpu_capability"]
+    assert info["cached_flux_models"] == [] and info["cpu_capability"] and info["hf_hub_offline"] is True
 
 
 def test_plan_prints_every_preset_and_placement_and_recommends_vortex():
-    run = run_cli("plan")
-    assert run.returncode == 0, run.stderr
-    assert "recommended: --quantization nf4 --placement vortex" in run.stdout
-    run = run_cli("plan", "--json", "--budget-gb", "4")
-    plans = json.loads(run.stdout)
+    code, out, _ = run_main("plan")
+    assert code == 0 and "recommended: --quantization nf4 --placement vortex" in out
+    code, out, _ = run_main("plan", "--json", "--budget-gb", "4")
+    plans = json.loads(out)
     assert len(plans["plans"]) == len(available_presets()) * len(available_placements())
     assert plans["recommended"] is None
-    run = run_cli("plan", "--budget-gb", "4")
-    assert run.returncode == 1 and "nothing fits a 4.0 GB share" in run.stdout
+    code, out, _ = run_main("plan", "--budget-gb", "4")
+    assert code == 1 and "nothing fits a 4.0 GB share" in out
 
 
 def test_bench_levers_side_by_side(tiny_dir, tmp_path):
-    run = run_cli("bench", "--model", str(tiny_dir), "--device", "cpu", "--placement", "vortex", "--levers", "eager",
-                  "untiled-decode", "--iterations", "2", "--rounds", "2", "--warmup", "1", "--json",
-                  str(tmp_path / "levers.json"))
-    assert run.returncode == 0, run.stderr
-    assert "x" in run.stdout and "of configured" in run.stdout
+    code, out, err = run_main("bench", "--model", str(tiny_dir), "--device", "cpu", "--placement", "vortex", "--levers",
+                              "eager", "untiled-decode", "--iterations", "2", "--rounds", "2", "--warmup", "1", "--json",
+                              str(tmp_path / "levers.json"))
+    assert code == 0, err
+    assert "x" in out and "of configured" in out
     result = json.loads((tmp_path / "levers.json").read_text())
     assert list(result["variants"]) == ["configured", "eager", "untiled-decode"]
     assert set(result["ratios_to_configured"]) == {"eager", "untiled-decode"} and result["skipped"] == {}
@@ -135,16 +197,10 @@ def test_bench_levers_side_by_side(tiny_dir, tmp_path):
     assert float(result["agreement_psnr_db"]["untiled-decode"]) < float("inf")
 
 
-def test_bench_and_references(tiny_dir, tmp_path):
-    run = run_cli("bench", "--model", str(tiny_dir), "--device", "cpu", "--iterations", "3", "--warmup", "1",
-                  "--json", str(tmp_path / "bench.json"))
-    assert run.returncode == 0, run.stderr
-    assert "SYNTHETIC" in run.stdout and "p99.9" in run.stdout
+def test_bench(tiny_dir, tmp_path):
+    code, out, err = run_main("bench", "--model", str(tiny_dir), "--device", "cpu", "--iterations", "3", "--warmup",
+                              "1", "--json", str(tmp_path / "bench.json"))
+    assert code == 0, err
+    assert "SYNTHETIC" in out and "p99.9" in out
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert len(bench["plain"]["iterations"]) == 3 and len(bench["true_cfg"]["iterations"]) == 3
-    run = run_cli("references", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "refs"))
-    assert run.returncode == 0, run.stderr
-    manifest = json.loads((tmp_path / "refs" / "manifest.json").read_text())
-    assert len(manifest["cases"]) == 4 and all((tmp_path / "refs" / c["file"]).is_file() for c in manifest["cases"])
-    run = run_cli("references", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "refs"))
-    assert run.returncode == 2 and "--overwrite" in run.stderr

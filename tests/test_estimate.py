@@ -5,7 +5,9 @@ import json
 import pytest
 
 from fluxkit import load_flux_schnell, load_placement, load_preset
-from fluxkit.bench import (
+from fluxkit.checkpoint import meta_components
+from fluxkit.errors import InputError
+from fluxkit.lab.bench import (
     bootstrap_ratio,
     kernel_class,
     lever_settings,
@@ -13,12 +15,10 @@ from fluxkit.bench import (
     phase_kernel_seconds,
     side_by_side,
 )
-from fluxkit.checkpoint import meta_components
-from fluxkit.errors import InputError
-from fluxkit.estimate import Work, count_flops, cross_check, estimate_from_bench, gpu, gpu_of, project
+from fluxkit.lab.estimate import Work, count_flops, cross_check, estimate_from_bench, gpu, gpu_of, project
 from fluxkit.plan import plan_placement
 from fluxkit.sampling import PHASES
-from helpers import PROMPT, run_cli
+from helpers import PROMPT, run_main
 
 ZERO = Work(0.0, 0.0, 0.0)
 NO_KERNELS = {"compute": 0.0, "memory": 0.0, "host link": 0.0}
@@ -26,6 +26,10 @@ NO_KERNELS = {"compute": 0.0, "memory": 0.0, "host link": 0.0}
 
 def _work(**phases):
     return {p: phases.get(p, ZERO) for p in PHASES}
+
+
+def _project(work, measured, kernels, source: str, targets: list[str], p50: float = 1.0, p99: float = 1.0):
+    return project(work, measured, kernels, gpu(source), {t: gpu(t) for t in targets}, p50, p99)
 
 
 def _measured(**phases):
@@ -37,8 +41,8 @@ def _kernels(**phases):
 
 
 def test_matrix_kernels_scale_with_tensor_throughput():
-    result = project(_work(denoise=Work(1e12, 0.0, 0.0)), _measured(denoise=0.01), _kernels(denoise={"compute": 0.01}),
-                     "h100", ["rtx3060"], 1.0)
+    result = _project(_work(denoise=Work(1e12, 0.0, 0.0)), _measured(denoise=0.01),
+                      _kernels(denoise={"compute": 0.01}), "h100", ["rtx3060"])
     row = result["phases"]["denoise"]
     assert row["achieved_fraction"]["compute"] == pytest.approx(1e12 / 989e12 / 0.01)
     assert row["achieved_fraction"]["memory"] is None and row["wait_s"] == 0
@@ -47,21 +51,23 @@ def test_matrix_kernels_scale_with_tensor_throughput():
 
 def test_other_kernels_scale_with_bandwidth_and_copies_with_the_link_overlapping_them():
     kernels = _kernels(text_encode={"memory": 0.01, "host link": 0.02}, copy={"host link": 0.001})
-    result = project(_work(), _measured(text_encode=0.02, copy=0.001), kernels, "h200", ["rtx3060", "h100"], 1.2)
+    result = _project(_work(), _measured(text_encode=0.02, copy=0.001), kernels, "h200", ["rtx3060", "h100"],
+                      p50=0.021, p99=0.03)
     text = result["phases"]["text_encode"]["projected_s"]
     assert text["rtx3060"] == pytest.approx(max(0.01 * 4800 / 360, 0.02 * 50 / 25))  # the kernels bind here
     assert text["h100"] == pytest.approx(max(0.01 * 4800 / 3350, 0.02))  # the link binds here
     assert result["phases"]["copy"]["projected_s"]["rtx3060"] == pytest.approx(0.001 * 50 / 25)
     total = 0.01 * 4800 / 360 + 0.001 * 50 / 25
     assert result["projected_p50_s"]["rtx3060"] == pytest.approx(total)
-    assert result["projected_p99_s"]["rtx3060"] == pytest.approx(1.2 * total)
+    # the tail is the host's: the source's P99 - P50 is added, not scaled with the card
+    assert result["projected_p99_s"]["rtx3060"] == pytest.approx(total + 0.009)
     assert result["label"] == "ESTIMATE" and "published peak" in result["assumptions"]
 
 
 def test_time_the_gpu_waited_on_the_host_is_kept_not_scaled():
     """A host-bound phase on a fast card: only its GPU work grows on a slower one."""
     kernels = _kernels(denoise={"compute": 0.06, "memory": 0.04})
-    row = project(_work(), _measured(denoise=0.3), kernels, "h200", ["h100", "rtx3060"], 1.0)["phases"]["denoise"]
+    row = _project(_work(), _measured(denoise=0.3), kernels, "h200", ["h100", "rtx3060"])["phases"]["denoise"]
     assert row["wait_s"] == pytest.approx(0.2)
     assert row["projected_s"]["h100"] == pytest.approx(0.06 + 0.04 * 4800 / 3350 + 0.2)
     assert row["projected_s"]["rtx3060"] == pytest.approx(0.06 * 989 / 25.5 + 0.04 * 4800 / 360 + 0.2)
@@ -144,13 +150,13 @@ def test_estimate_cli_from_a_bench_file(tiny_dir, tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(_bench("NVIDIA H200", {"text_encode": 0.2, "denoise": 0.3, "decode": 0.05,
                                                       "copy": 0.002}, tiny_dir)))
-    run = run_cli("estimate", "--from", str(path), "--gpu", "rtx3060", "--json", str(tmp_path / "out.json"))
-    assert run.returncode == 0, run.stderr
-    assert "ESTIMATE from NVIDIA H200" in run.stdout and "rtx3060" in run.stdout
+    code, out, err = run_main("estimate", "--from", str(path), "--gpu", "rtx3060", "--json", str(tmp_path / "out.json"))
+    assert code == 0, err
+    assert "ESTIMATE from NVIDIA H200" in out and "rtx3060" in out
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["projected_p50_s"]["rtx3060"] > 0.552
-    run = run_cli("estimate", "--model", str(tiny_dir), "--device", "cpu")
-    assert run.returncode == 2 and "measures on a GPU" in run.stderr
+    code, out, err = run_main("estimate", "--model", str(tiny_dir), "--device", "cpu")
+    assert code == 2 and "measures on a GPU" in err
 
 
 def test_estimate_cli_checks_a_projection_against_the_other_card(tiny_dir, tmp_path):
@@ -160,20 +166,20 @@ def test_estimate_cli_checks_a_projection_against_the_other_card(tiny_dir, tmp_p
     slower = _bench("NVIDIA H100 80GB HBM3", {"text_encode": 0.4, "denoise": 0.39, "decode": 0.05, "copy": 0.002},
                     tiny_dir)
     h100.write_text(json.dumps(slower))
-    run = run_cli("estimate", "--from", str(h200), "--check", str(h100), "--gpu", "h100", "--json",
+    code, out, err = run_main("estimate", "--from", str(h200), "--check", str(h100), "--gpu", "h100", "--json",
                   str(tmp_path / "out.json"))
-    assert run.returncode == 0, run.stderr
+    assert code == 0, err
     check = json.loads((tmp_path / "out.json").read_text())["cross_check"]
     assert check["measured_s"]["denoise"] == 0.39 and check["error_by_phase"]["denoise"] < 0
     assert check["usable"] is (abs(check["end_to_end_error"]) <= 0.15)
-    assert "cross-check: NVIDIA H200 projected to NVIDIA H100 80GB HBM3" in run.stdout
-    assert f"error {check['end_to_end_error']:+.1%}" in run.stdout
+    assert "cross-check: NVIDIA H200 projected to NVIDIA H100 80GB HBM3" in out
+    assert f"error {check['end_to_end_error']:+.1%}" in out
     slower["model"]["placement"]["name"] = "resident"
     other.write_text(json.dumps(slower))
-    run = run_cli("estimate", "--from", str(h200), "--check", str(other))
-    assert run.returncode == 2 and "same preset and placement" in run.stderr
-    run = run_cli("estimate", "--check", str(h100))
-    assert run.returncode == 2 and "--from" in run.stderr
+    code, out, err = run_main("estimate", "--from", str(h200), "--check", str(other))
+    assert code == 2 and "same preset and placement" in err
+    code, out, err = run_main("estimate", "--check", str(h100))
+    assert code == 2 and "--from" in err
 
 
 def test_bootstrap_ratio_of_known_samples():
@@ -223,7 +229,7 @@ def test_each_lever_changes_only_its_own_fields():
                        "reduce-overhead": ({"compile_mode", "compile_scope", "cuda_graphs"}, set())}
     assert settings["whole-transformer"][0].compile_scope == "transformer" and preset.compile_scope == "blocks"
     eager_preset = load_preset("torchao-int8wo")
-    compiled = lever_settings("torchao-int8wo", None, ("compiled",))["compiled"][0]
+    compiled = lever_settings("torchao-int8wo", "resident", ("compiled",))["compiled"][0]
     assert not eager_preset.compile and compiled == dataclasses.replace(eager_preset, compile=True)
 
 
@@ -235,7 +241,7 @@ def test_a_lever_that_changes_nothing_is_refused():
 
 def test_a_variant_that_fails_to_load_is_kept_with_its_reason():
     """One lever this device cannot compile must not cost the side-by-side run of all the others."""
-    from fluxkit.bench import _load_each
+    from fluxkit.lab.bench import _load_each
 
     def fails():
         raise RuntimeError("BackendCompilerFailed: no kernel for this card\nlong traceback")

@@ -10,7 +10,7 @@ import torch
 from fluxkit import load_flux_schnell
 from fluxkit.config import load_preset
 from fluxkit.dequantize import MIN_TOKENS, Linear4bit, use_fluxkit_dequantize
-from fluxkit.metrics import psnr
+from fluxkit.lab.metrics import psnr
 from helpers import PROMPT
 
 pytestmark = pytest.mark.gpu

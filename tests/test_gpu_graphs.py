@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 def graphed_model(tiny_dir, request):
     """Each preset that turns CUDA graphs on."""
     model = load_flux_schnell(device="cuda", quantization=request.param, model=tiny_dir)
-    assert model.info()["cuda_graphs"] and set(model.graphed) == {"embed", "transformer", "decode"}
+    assert model.info()["cuda_graphs"] and set(model.fast.graphed) == {"embed", "transformer", "decode"}
     return model
 
 
@@ -25,7 +25,7 @@ def test_a_replay_gives_the_uncaptured_image(graphed_model):
         eager = graphed_model.generate(PROMPT, seed=3)
     assert torch.equal(graphed, eager)
     assert graphed_model.generate("another prompt, other tokens", seed=4).shape == (512, 512, 3)
-    assert {name: len(call.graphs) for name, call in graphed_model.graphed.items()} == \
+    assert {name: len(call.graphs) for name, call in graphed_model.fast.graphed.items()} == \
         {"embed": 1, "transformer": 1, "decode": 1}  # the warm-up's capture serves every 512x512 call
 
 
@@ -44,8 +44,8 @@ def test_each_image_size_is_captured_once_and_their_number_is_bounded(graphed_mo
         image = graphed_model.generate(PROMPT, seed=6, height=height, width=width)
     with uncaptured(graphed_model):
         assert torch.equal(image, graphed_model.generate(PROMPT, seed=6, height=256, width=256))
-    assert len(graphed_model.graphed["transformer"].graphs) == MAX_GRAPHS_PER_CALL
-    assert len(graphed_model.graphed["embed"].graphs) == 1  # token ids have one shape whatever the image size
+    assert len(graphed_model.fast.graphed["transformer"].graphs) == MAX_GRAPHS_PER_CALL
+    assert len(graphed_model.fast.graphed["embed"].graphs) == 1  # token ids have one shape whatever the image size
     beyond = graphed_model.generate(PROMPT, seed=6, height=512, width=256)  # uncaptured: past the bound
     with uncaptured(graphed_model):
         assert torch.equal(beyond, graphed_model.generate(PROMPT, seed=6, height=512, width=256))

@@ -3,7 +3,7 @@
 import pytest
 
 from fluxkit import load_flux_schnell
-from fluxkit.bench import kernel_seconds
+from fluxkit.lab.bench import kernel_seconds
 
 pytestmark = pytest.mark.gpu
 

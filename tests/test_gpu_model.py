@@ -1,5 +1,6 @@
-"""GPU: the full-size synthetic checkpoint on the resident placement: memory accounting, the seed's test cases,
-drift and OOM recovery. Figures are printed (pytest -s) for the closing note and reports."""
+"""GPU: the full-size synthetic checkpoint on the resident placement (speed beyond the share, one argument away):
+memory accounting, drift, CUDA graphs and OOM recovery. Figures are printed (pytest -s) for the closing note and
+reports. The task's own call (the vortex placement) is tests/test_vortex_contract.py's."""
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ def test_real_oom_during_load_is_converted_and_released(full_dir):
 
 @pytest.fixture(scope="module")
 def full_model(full_dir):
-    model = load_flux_schnell(device="cuda", quantization="nf4", model=full_dir)
+    model = load_flux_schnell(device="cuda", quantization="nf4", model=full_dir, placement="resident")
     model.generate(PROMPT, seed=0)  # warm-up
     return model
 
@@ -51,23 +52,26 @@ def test_weights_are_4bit_and_as_planned(full_model):
 def test_rise_during_generate_under_500mb(full_model):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    full_model.generate(PROMPT, seed=1)
+    full_model.profiling = True  # this test's process is the lab's: each phase's own peak
+    try:
+        full_model.generate(PROMPT, seed=1)
+    finally:
+        full_model.profiling = False
     rise = full_model.last_call.peak - before
     print(f"\nrise during generate: {rise / MB:.1f} MB; phases: {[m.to_dict() for m in full_model.last_call.memory]}")
     assert rise < 500 * MB
 
 
 def test_side_by_side_reports_the_whole_call_s_rise(full_model):
-    """fluxkit resets the peak counter at each phase; the side-by-side rise must still cover the whole call (run 17
-    reported 0.01 GB, the copy phase's, for every fluxkit variant)."""
-    from fluxkit.bench import side_by_side
+    """The side by side reads the process's peak over its calls; fluxkit's calls no longer reset it, so the rise
+    covers whole calls (the decode's working memory at least)."""
+    from fluxkit.lab.bench import side_by_side
 
     with uncaptured(full_model):  # a replay allocates nothing: its working memory is the graphs' pool, held
         result = side_by_side({"fluxkit": full_model}, iterations=2, rounds=1, warmup=1)
     rise = result["variants"]["fluxkit"]["rise_bytes"]
-    phase_rises = [m.rise for m in full_model.last_call.memory]
-    print(f"\nside-by-side rise {rise / MB:.1f} MB; phase rises {[round(r / MB, 1) for r in phase_rises]} MB")
-    assert rise >= max(phase_rises) > 50 * MB
+    print(f"\nside-by-side rise {rise / MB:.1f} MB")
+    assert rise > 50 * MB
 
 
 def test_cuda_graphs_give_the_uncaptured_image(full_model):

@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from fluxkit.validate import ensure_kernel
+    from fluxkit.lab.validate import ensure_kernel
 
     ensure_kernel()
     port = _free_port()
@@ -64,7 +64,7 @@ def test_the_fluxkit_kernel_runs_fluxkit():
     """The kernel Lab offers imports this checkout's fluxkit (papermill and nbval run the notebooks on it)."""
     from jupyter_client.manager import start_new_kernel
 
-    from fluxkit.validate import ensure_kernel
+    from fluxkit.lab.validate import ensure_kernel
 
     manager, client = start_new_kernel(kernel_name=ensure_kernel())
     try:

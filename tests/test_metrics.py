@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxkit.metrics import load_clip, load_lpips, psnr, ssim, summarize
+from fluxkit.lab.metrics import load_clip, load_lpips, psnr, ssim, summarize
 
 
 def test_percentiles_on_known_data():
@@ -74,7 +74,7 @@ class _FixedFeatures(torch.nn.Module):
     ([1.0, 0.0], [-1.0, 0.0], 0.0),  # negative cosine clips to 0
 ])
 def test_clip_score_is_100_times_the_clipped_cosine(image, text, expected):
-    from fluxkit.metrics import ClipScorer
+    from fluxkit.lab.metrics import ClipScorer
 
     scorer = ClipScorer(_FixedFeatures(image, text), lambda img: torch.zeros(3, 4, 4), lambda texts: None, "fixed",
                         "none", real=False)

@@ -7,8 +7,8 @@ from test_plan import share_streaming_some_modulation
 
 import helpers
 from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
+from fluxkit.lab.profiling import cotenancy, cotenancy_table, placement_table
 from fluxkit.placement import ModulationOutput
-from fluxkit.profiling import cotenancy, cotenancy_table, placement_table
 from helpers import PROMPT, t5_unquantized, with_budgets
 
 # Batching the 4 steps' modulation projections changes the float32 summation order: measured max |diff| 1.1e-6.
@@ -100,7 +100,7 @@ def test_a_call_frees_its_memory_without_the_garbage_collector(tiny_dir, placeme
     assert not held
 
 
-def test_the_cotenancy_check_runs_each_placement_in_a_fresh_process_and_says_why_not_on_cpu(tiny_dir):
+def test_the_cotenancy_check_says_why_not_on_cpu(tiny_dir):
     rows = cotenancy(str(tiny_dir), "cpu", "nf4", ["vortex", "resident", "nowhere"], calls=2)
     assert [r["placement"] for r in rows] == ["vortex", "resident", "nowhere"]
     assert all(r["applicable"] is False and "CUDA" in r["reason"] for r in rows[:2])

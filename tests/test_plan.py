@@ -5,11 +5,15 @@ import torch
 from fluxkit import load_flux_schnell, load_placement, load_preset
 from fluxkit.checkpoint import meta_components
 from fluxkit.memory import module_weight_bytes
-from fluxkit.plan import is_modulation, plan_placement, quantized_linear_tensors, recommend
+from fluxkit.plan import is_modulation, plan_placement, recommend
 from fluxkit.synthetic import meta_model
 from helpers import t5_unquantized, with_budgets
 
 D, HEAD = 3072, 128  # FLUX.1-schnell: 24 heads x 128, 19 double and 38 single blocks
+
+
+def quantized_linear_tensors(numel: int, out_features: int, spec) -> list[int]:
+    return spec.quantizer.linear_bytes(numel, out_features, spec)
 
 
 def _linear(n_in, n_out):
@@ -57,7 +61,7 @@ def test_torchao_layer_bytes_by_hand():
     from torchao.quantization import quantize_
 
     from fluxkit.memory import tensor_bytes
-    from fluxkit.quantization import torchao_config
+    from fluxkit.quantizers.torchao import torchao_config
 
     by_hand = {"torchao-int8wo": 192 * 128 + 192 * 4 + 192,  # int8 data, float32 row scales, int8 zero points
                "torchao-fp8wo": 192 * 128 + 192 * 4}  # float8 data, float32 row scales

@@ -6,12 +6,7 @@ import torch
 
 from fluxkit import VortexInitializationError, load_flux_schnell
 from fluxkit.quantize import save_quantized
-from helpers import PROMPT, run_cli
-
-
-@pytest.fixture(scope="module")
-def prequantized(tiny_dir, tmp_path_factory):
-    return save_quantized(str(tiny_dir), tmp_path_factory.mktemp("q") / "nf4", "nf4", device="cpu")
+from helpers import PROMPT, run_main
 
 
 def test_the_folder_holds_serialized_4bit_weights(prequantized, tiny_dir):
@@ -19,6 +14,8 @@ def test_the_folder_holds_serialized_4bit_weights(prequantized, tiny_dir):
         config = json.loads((prequantized / component / "config.json").read_text())
         assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
         assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
+        # quantized on a CPU (from float32), it records what it is for: the preset's compute dtype, as on a GPU
+        assert config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
     size = sum(p.stat().st_size for p in (prequantized / "transformer").glob("*.safetensors"))
     original = sum(p.stat().st_size for p in (tiny_dir / "transformer").glob("*.safetensors"))
     assert size < original / 2  # 4-bit instead of bf16 (tiny: the unquantized norms weigh more than at full size)
@@ -57,7 +54,8 @@ def test_a_vortex_checkpoint_keeps_t5_unquantized_and_streams_modulation(tiny_di
 
 
 def test_a_mismatched_preset_is_refused_before_loading(prequantized):
-    with pytest.raises(VortexInitializationError, match="pre-quantized as nf4 .* preset fp4 asks for fp4") as info:
+    with pytest.raises(VortexInitializationError, match="quantization_config.bnb_4bit_quant_type='nf4' but preset fp4 "
+                                                        "asks for 'fp4'") as info:
         load_flux_schnell(device="cpu", model=prequantized, quantization="fp4")
     assert isinstance(info.value, ValueError)
     with pytest.raises(VortexInitializationError, match="preset bf16 keeps it unquantized"):
@@ -65,12 +63,13 @@ def test_a_mismatched_preset_is_refused_before_loading(prequantized):
 
 
 def test_quantize_cli(tiny_dir, tmp_path):
-    run = run_cli("quantize", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "q"))
-    assert run.returncode == 0, run.stderr
+    code, _, err = run_main("quantize", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "q"))
+    assert code == 0, err
     assert (tmp_path / "q" / "transformer" / "config.json").is_file()
-    run = run_cli("quantize", "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "q"))
-    assert run.returncode == 2 and "not empty" in run.stderr
-    run = run_cli("quantize", "--model", str(tmp_path / "q"), "--device", "cpu", "--out", str(tmp_path / "q2"))
-    assert run.returncode == 2 and "already pre-quantized" in run.stderr
-    run = run_cli("quantize", "--model", str(tiny_dir), "--quantization", "int8", "--out", str(tmp_path / "q3"))
-    assert run.returncode == 2 and "only bitsandbytes 4-bit" in run.stderr
+    for args, expected in (([str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "q")], "not empty"),
+                           ([str(tmp_path / "q"), "--device", "cpu", "--out", str(tmp_path / "q2")],
+                            "already pre-quantized"),
+                           ([str(tiny_dir), "--quantization", "int8", "--out", str(tmp_path / "q3")],
+                            "only bitsandbytes 4-bit")):
+        code, _, err = run_main("quantize", "--model", *args)
+        assert code == 2 and expected in err, err

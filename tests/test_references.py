@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fluxkit.images import load_png
-from fluxkit.metrics import psnr
-from fluxkit.references import (
+from fluxkit.lab.metrics import psnr
+from fluxkit.lab.references import (
     CROSS_MACHINE_PSNR_DB,
     REFERENCE_DIR,
     build_references,

@@ -4,7 +4,7 @@ import copy
 import pytest
 
 from fluxkit import load_preset
-from fluxkit.report import evaluate_budgets
+from fluxkit.lab.report import evaluate_budgets
 
 GB = 10**9
 

@@ -58,6 +58,10 @@ def _tensor_over_readonly_memory(tmp_path):
     (dict(prompt=""), InputError, "prompt is empty"),
     (dict(prompt=" \n\t "), InputError, "prompt is empty"),
     (dict(prompt="\u200b\u200c\u2060\ufeff"), InputError, "invisible characters only"),
+    (dict(prompt="\u3164\u3164"), InputError, "invisible characters only"),  # Hangul filler: a blank letter
+    (dict(prompt="\u2800 \u2800"), InputError, "invisible characters only"),  # the Braille blank
+    (dict(prompt="\u0301\u0308\u20dd"), InputError, "invisible characters only"),  # combining marks on nothing
+    (dict(prompt="\u115f\u1160\uffa0\u17b4\u180e"), InputError, "invisible characters only"),
     (dict(prompt="a cat \ud83d"), InputError, r"unpaired surrogate \(U\+D83D at index 6\)"),
     (dict(negative_prompt=3), InputTypeError, "negative_prompt must be a str"),
     (dict(num_inference_steps=0), InputError, "num_inference_steps"),
@@ -104,6 +108,7 @@ def test_settings_come_from_the_preset_unless_given():
 def test_prompt_text_is_cleaned():
     assert clean_prompt("a\x00 red\tcube\n\x1b") == "a red cube"
     assert clean_prompt("a \u200bcat") == "a \u200bcat"  # invisible characters are kept when there is text
+    assert clean_prompt("cafe\u0301 \u3164") == "cafe\u0301 \u3164"
     assert clean_prompt("", allow_empty=True) == ""
 
 

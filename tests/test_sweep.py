@@ -5,11 +5,24 @@ import math
 
 import pytest
 
-from fluxkit import plots
 from fluxkit.errors import InputError
-from fluxkit.metrics import load_clip, load_lpips
-from fluxkit.sweep import Variant, compile_axis, fits, load_prompts, load_result, load_times, sweep, variants, write_csv
-from helpers import run_cli
+from fluxkit.lab import plots
+from fluxkit.lab.metrics import load_clip, load_lpips
+from fluxkit.lab.prompts import read_prompts, reference_prompts
+from fluxkit.lab.sweep import (
+    Variant,
+    compile_axis,
+    fits,
+    load_result,
+    load_times,
+    measure_in_fresh_process,
+    sweep,
+    variants,
+    write_csv,
+)
+from helpers import run_main
+
+ONE_PROMPT = reference_prompts()[:1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +56,7 @@ def test_the_t5_and_compile_axes_can_be_narrowed():
 @pytest.fixture(scope="module")
 def result(tiny_dir, clip, tmp_path_factory):
     chosen = variants(["nf4", "int8", "torchao-int8wo", "fp8-layerwise", "torchao-fp8dq", "gguf-q4_0"])
-    return sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=load_prompts(count=1))
+    return sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=ONE_PROMPT)
 
 
 def test_every_variant_is_measured_and_scored_against_bf16(result):
@@ -103,7 +116,7 @@ def test_a_variant_the_device_cannot_run_stays_with_its_reason(tiny_dir, clip, t
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = sweep(str(tiny_dir), "cuda", variants(["nf4"]), clip, iterations=1, prompts=load_prompts(count=1))
+    result = sweep(str(tiny_dir), "cuda", variants(["nf4"]), clip, iterations=1, prompts=ONE_PROMPT)
     assert all("no usable CUDA GPU" in r["skipped"] for r in result["rows"])
     assert fits(result, 6.0) == {"budget_gb": 6.0, "variants": [], "fastest_within": None}
 
@@ -112,61 +125,60 @@ def test_each_row_is_kept_as_soon_as_it_is_measured(tiny_dir, clip, tmp_path):
     """A sweep stopped part-way (a lease that ends) keeps the rows it finished."""
     partial = tmp_path / "rows.jsonl"
     result = sweep(str(tiny_dir), "cpu", variants(["int8", "torchao-fp8dq"]), clip, iterations=1,
-                   prompts=load_prompts(count=1), partial=partial)
+                   prompts=ONE_PROMPT, partial=partial)
     kept = [json.loads(line) for line in partial.read_text().splitlines()]
     assert [r["variant"] for r in kept] == [r["variant"] for r in result["rows"]]  # skipped rows too, in order
     assert kept[1]["latency"] == result["rows"][1]["latency"] and "skipped" in kept[-1]
     assert all("images" not in r and "fidelity" not in r for r in kept)  # scored only once all have run
 
 
-def test_a_variant_that_stalls_is_stopped_and_the_sweep_goes_on(tiny_dir, clip, tmp_path):
+def test_a_variant_that_stalls_is_stopped(tiny_dir, tmp_path):
     """On a GPU each variant runs in its own process; one that overruns its time (a compile that never ends) is
-    stopped and kept with the reason. Driven here on the CPU through the same fresh-process path."""
+    stopped, and its row keeps the reason. Driven here on the CPU through the same fresh-process path."""
     import time
 
-    from fluxkit.sweep import _sweep
-
     start = time.perf_counter()
-    result = _sweep(str(tiny_dir), "cpu", variants(["nf4"]), clip, iterations=1, prompts=load_prompts(count=1),
-                    fresh=True, out_dir=tmp_path, variant_timeout_s=0.5, partial=None)  # importing alone takes longer
-    assert [r["variant"] for r in result["rows"]] == ["bf16@resident", "nf4@resident", "nf4+t5-bf16@resident"]
-    assert all("did not finish within 0.5 s" in r["skipped"] for r in result["rows"])
-    assert time.perf_counter() - start < 30  # each stopped at its limit, not run to the end
+    with pytest.raises(RuntimeError, match="did not finish within 0.5 s"):  # importing alone takes longer
+        measure_in_fresh_process(str(tiny_dir), "cpu", Variant("nf4", True, "resident"), 1, tmp_path, ONE_PROMPT, 0.5)
+    assert time.perf_counter() - start < 30  # stopped at its limit, not run to the end
 
 
-def test_a_variant_process_that_fails_gives_its_whole_reason(tiny_dir, clip, tmp_path):
-    """The fresh-process path (a GPU sweep's) keeps the error itself, not the last line of a traceback (run 17 kept
-    only " Remedy: ..." of a multi-line compile error). Driven on the CPU, where float8 matmuls cannot run."""
-    from fluxkit.sweep import _sweep
-
-    result = _sweep(str(tiny_dir), "cpu", [Variant("torchao-fp8dq", True, "resident")], clip, iterations=1,
-                    prompts=load_prompts(count=1), fresh=True, out_dir=tmp_path, variant_timeout_s=300, partial=None)
-    reason = result["rows"][0]["skipped"]
-    assert reason.startswith("RuntimeError: VortexInitializationError: preset torchao-fp8dq cannot run"), reason
+def test_a_variant_process_that_fails_gives_its_whole_reason(tiny_dir, tmp_path):
+    """The fresh-process path keeps the error itself, not the last line of a traceback (a multi-line compile error
+    once kept only " Remedy: ..."). Driven on the CPU, where float8 matmuls cannot run."""
+    with pytest.raises(RuntimeError) as info:
+        measure_in_fresh_process(str(tiny_dir), "cpu", Variant("torchao-fp8dq", True, "resident"), 1, tmp_path,
+                                 ONE_PROMPT, 300)
+    reason = str(info.value)
+    assert reason.startswith("VortexInitializationError: preset torchao-fp8dq cannot run"), reason
     assert "compute capability 8.9" in reason and "Remedy:" in reason and "\n" not in reason
 
 
 def test_prompt_files(tmp_path):
     good = tmp_path / "p.yaml"
     good.write_text("cases:\n  - {name: cat, prompt: a cat, seed: 1}\n")
-    assert load_prompts(good) == [{"name": "cat", "prompt": "a cat", "seed": 1}]
+    assert read_prompts(good) == [{"name": "cat", "prompt": "a cat", "seed": 1}]
     bad = tmp_path / "bad.yaml"
     bad.write_text("cases: [a cat]\n")
-    with pytest.raises(InputError, match="expected a list `cases`"):
-        load_prompts(bad)
+    with pytest.raises(InputError, match="case 0: expected exactly the keys name, prompt and seed"):
+        read_prompts(bad)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("cases: [{name: a, prompt: x, seed: 1}, {name: a, prompt: y, seed: 2}]\n")
+    with pytest.raises(InputError, match="name 'a' is used twice"):
+        read_prompts(twice)
 
 
 def test_sweep_cli_with_placements_as_a_third_axis(tiny_dir, tmp_path):
-    run = run_cli("sweep", "--model", str(tiny_dir), "--device", "cpu", "--variants", "nf4", "gguf-q4_0",
-                  "--placement", "resident", "vortex", "--iterations", "1", "--clip-model", "ViT-B-32",
-                  "--out", str(tmp_path / "out"))
-    assert run.returncode == 0, run.stderr
+    code, out, err = run_main("sweep", "--model", str(tiny_dir), "--device", "cpu", "--variants", "nf4", "gguf-q4_0",
+                              "--placement", "resident", "vortex", "--iterations", "1", "--clip-model", "ViT-B-32",
+                              "--out", str(tmp_path / "out"))
+    assert code == 0, err
     assert (tmp_path / "out" / "sweep.json").is_file() and (tmp_path / "out" / "sweep.csv").is_file()
     rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"]}
     assert {"nf4@resident", "nf4@vortex", "gguf-q4_0+t5-bf16@resident"} <= {n for n, r in rows.items()
                                                                            if "skipped" not in r}
     assert "streams modulation layers" in rows["gguf-q4_0+t5-bf16@vortex"]["skipped"]  # kept, with the reason
-    assert "nf4@vortex" in run.stdout and "fastest within 6.0 GB" in run.stdout
+    assert "nf4@vortex" in out and "fastest within 6.0 GB" in out
     assert not (tmp_path / "out" / "sweep.partial.jsonl").exists()  # complete: sweep.json holds every row
     # a saved sweep is read back as it was measured (the reference's infinite PSNR a float again) and plotted
     saved = load_result(tmp_path / "out" / "sweep.json")

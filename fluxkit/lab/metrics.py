@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger("fluxkit")
 
@@ -104,7 +104,7 @@ class ClipScorer:
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         from PIL import Image
 
-        from .images import to_uint8
+        from ..images import to_uint8
 
         pixels = self.preprocess(Image.fromarray(to_uint8(image))).unsqueeze(0)
         return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)[0]
@@ -160,7 +160,8 @@ def load_clip(name: str = "ViT-L-14", pretrained: str = "openai", seed: int = 0)
     if weights is None:
         log.warning("CLIP %s/%s is not in the local cache: using seeded random weights (plumbing check only)",
                     name, pretrained)
+    with torch.random.fork_rng(devices=[]):  # the seed is this model's, not the process's random state
         torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
     model.eval()
     return ClipScorer(model, preprocess, open_clip.get_tokenizer(name), name, pretrained, weights is not None)

@@ -15,17 +15,18 @@ moves give the achieved fraction of each peak on the source, for the record.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
 import yaml
 
+from ..config import CONFIG_DIR, GenerationSpec, PlacementSpec, Preset, build
+from ..errors import InputError
+from ..plan import Plan, component_tensors
+from ..quantizers import PLAIN
+from ..sampling import PHASES
 from .bench import KERNEL_CLASSES
-from .config import CONFIG_DIR, GenerationSpec, PlacementSpec, Preset, _build
-from .errors import InputError
-from .plan import Plan, component_tensors
-from .quantization import converted, keep_in_fp32
-from .sampling import PHASES
 
 ASSUMPTIONS = ("published peak figures (fluxkit/configs/gpus.yaml); matrix kernels keep the fraction of the tensor "
                "peak, other kernels the fraction of memory bandwidth, host copies the fraction of the link measured on "
@@ -44,7 +45,7 @@ class GpuSpec:
 
 def gpus() -> dict[str, GpuSpec]:
     data = yaml.safe_load((CONFIG_DIR / "gpus.yaml").read_text())
-    return {key: _build(GpuSpec, spec, f"gpus.yaml.{key}") for key, spec in data.items()}
+    return {key: build(GpuSpec, spec, f"gpus.yaml.{key}") for key, spec in data.items()}
 
 
 def gpu(key: str) -> GpuSpec:
@@ -102,15 +103,15 @@ def count_flops(meta: dict[str, torch.nn.Module], generation: GenerationSpec, cf
 
 
 def _read_bytes(module: torch.nn.Module, preset: Preset, quantized: bool) -> float:
-    """Bytes one forward pass reads from device memory for weights; bitsandbytes 4-bit dequantizes each weight to
-    bf16 (written, then read by the matmul): 4 more bytes per weight."""
-    spec = preset.quantization if quantized else None
-    stored = sum(sum(v) for v in component_tensors(module, spec, 2).values())
-    if spec is None or spec.backend != "bitsandbytes_4bit":
+    """Bytes one forward pass reads from device memory for weights, plus what a backend that dequantizes to the
+    compute dtype before each product writes and reads again (bitsandbytes 4-bit: 4 bytes per weight)."""
+    spec = preset.quantization
+    quantizer = spec.quantizer if quantized else PLAIN
+    stored = sum(sum(v) for v in component_tensors(module, spec, 2, quantizer).values())
+    if not quantizer.dequantized_bytes_per_weight:
         return float(stored)
-    skip = keep_in_fp32(module)
-    dequantized = sum(m.weight.numel() for n, m in module.named_modules() if converted(n, m, skip))
-    return float(stored + 4 * dequantized)
+    dequantized = sum(module.get_submodule(n).weight.numel() for n in quantizer.selected(module))
+    return float(stored + quantizer.dequantized_bytes_per_weight * dequantized)
 
 
 def phase_work(meta: dict[str, torch.nn.Module], preset: Preset, placement: PlacementSpec, plan: Plan,
@@ -139,61 +140,137 @@ def _peaks(spec: GpuSpec) -> dict[str, float]:
     return {"compute": spec.bf16_tflops * 1e12, "memory": spec.memory_gbps * 1e9, "host link": spec.pcie_gbps * 1e9}
 
 
+def measured_spec(bench: dict) -> GpuSpec | None:
+    """The card (or SM slice) a bench ran on, with the peaks measured there (`bench["peaks"]`), its host link
+    published; None for a bench without measured peaks."""
+    peaks = bench.get("peaks")
+    if not peaks:
+        return None
+    link = gpu(gpu_of(bench["model"]["device_name"])).pcie_gbps
+    stand_in = bench.get("stand_in")
+    name = bench["model"]["device_name"] + (f", {stand_in['sms']} of {stand_in['total_sms']} SMs" if stand_in else "")
+    return GpuSpec(name, "", peaks["bf16_tflops"], peaks["copy_gbps"], link)
+
+
 def project(work: dict[str, Work], measured_s: dict[str, float], kernel_s: dict[str, dict[str, float]],
-            measured_on: str, targets: list[str], p99_over_p50: float) -> dict:
-    """Per phase: the GPU time per class and the host wait on `measured_on`, the achieved fraction of each peak,
-    and projected seconds on each target."""
-    source = _peaks(gpu(measured_on))
+            source: GpuSpec, targets: dict[str, GpuSpec], p50: float, p99: float) -> dict:
+    """Per phase: the GPU time per class and the host wait on `source`, the achieved fraction of each peak, and
+    projected seconds on each target. The P99 adds the source's P99 - P50 to the projected P50: the tail of a call
+    is the host's (its waits and jitter), which a slower card does not scale (it scaled by P99/P50 before, and
+    missed by +54% on an 8-SM slice of an H200 whose calls varied by 2% where the whole card's varied by 43%)."""
+    peaks = _peaks(source)
     phases = {}
     for phase in PHASES:
         k, w = kernel_s[phase], work[phase]
         done = {"compute": w.flops, "memory": w.device_bytes, "host link": w.link_bytes}
         wait = max(0.0, measured_s[phase] - max(k["compute"] + k["memory"], k["host link"]))
         row = {**asdict(w), "measured_s": measured_s[phase], "kernel_s": dict(k), "wait_s": wait,
-               "achieved_fraction": {c: done[c] / (source[c] * k[c]) if k[c] > 0 else None for c in KERNEL_CLASSES},
+               "achieved_fraction": {c: done[c] / (peaks[c] * k[c]) if k[c] > 0 else None for c in KERNEL_CLASSES},
                "projected_s": {}}
-        for key in targets:
-            target = _peaks(gpu(key))
-            scaled = {c: k[c] * source[c] / target[c] for c in KERNEL_CLASSES}
+        for key, spec in targets.items():
+            target = _peaks(spec)
+            scaled = {c: k[c] * peaks[c] / target[c] for c in KERNEL_CLASSES}
             row["projected_s"][key] = max(scaled["compute"] + scaled["memory"], scaled["host link"]) + wait
         phases[phase] = row
     totals = {key: sum(phases[p]["projected_s"][key] for p in PHASES) for key in targets}
-    return {"measured_on": measured_on, "phases": phases, "projected_p50_s": totals,
-            "projected_p99_s": {k: v * p99_over_p50 for k, v in totals.items()}, "p99_over_p50": p99_over_p50,
-            "measured_p50_s": sum(measured_s.values()), "assumptions": ASSUMPTIONS, "label": "ESTIMATE"}
+    return {"measured_on": source.name, "source_peaks": asdict(source), "phases": phases, "projected_p50_s": totals,
+            "projected_p99_s": {k: v + (p99 - p50) for k, v in totals.items()}, "p99_minus_p50_s": p99 - p50,
+            "measured_p50_s": sum(measured_s.values()), "assumptions": ASSUMPTIONS, "label": "ESTIMATE",
+            "targets": {k: asdict(v) for k, v in targets.items()}}
+
+
+def check_bench(bench: dict, where: str) -> dict:
+    """A `fluxkit bench --json` result, checked for what a projection reads; errors name the file and the key."""
+    from ..config import available_placements, available_presets
+
+    def need(path: str, kind: type):
+        value = bench
+        for key in path.split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise InputError(f"{where}: lacks {path}; pass a `fluxkit bench --json` result")
+            value = value[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputError(f"{where}: {path} is {value!r}, not {kind.__name__ if isinstance(kind, type) else 'a number'}")
+        return value
+
+    if need("model.preset", str) not in available_presets():
+        raise InputError(f"{where}: model.preset {bench['model']['preset']!r} is not a preset of this fluxkit "
+                         f"({', '.join(available_presets())})")
+    if need("model.placement.name", str) not in available_placements():
+        raise InputError(f"{where}: model.placement.name {bench['model']['placement']['name']!r} is not a placement")
+    need("model.device_name", str)
+    need("model.model", dict)
+    for phase in ("total", *PHASES):
+        for stat in ("p50", "p99"):
+            need(f"plain.summary.{phase}.{stat}", (int, float))
+    if bench.get("kernels") is not None:
+        for phase in PHASES:
+            for c in KERNEL_CLASSES:
+                need(f"kernels.seconds.{phase}.{c}", (int, float))
+    return bench
+
+
+def setup_from_bench(bench: dict, where: str) -> tuple:
+    """The meta components, preset, placement and plan a bench result was measured with."""
+    from ..config import load_placement, load_preset
+    from ..plan import components_for, plan_placement
+
+    info = bench["model"]
+    preset, placement = load_preset(info["preset"]), load_placement(info["placement"]["name"])
+    synthetic = info["model"].get("synthetic")
+    try:
+        meta, _ = components_for(f"synthetic-{synthetic['preset']}" if synthetic else info["model"]["path"])
+    except InputError as err:
+        raise InputError(f"{where}: the checkpoint it was measured on is not here ({err})") from None
+    return meta, preset, placement, plan_placement(meta, preset, placement)
 
 
 def estimate_from_bench(bench: dict, meta: dict, preset: Preset, placement: PlacementSpec, plan: Plan,
-                        targets: list[str]) -> dict:
-    """Project a `run_benchmark` result (its plain series: per-phase medians) to `targets`."""
+                        targets: list[str] | dict[str, GpuSpec], source: GpuSpec | None = None) -> dict:
+    """Project a `run_benchmark` result (its plain series: per-phase medians) to `targets` (keys of gpus.yaml, or
+    specs by name). `source`: the peaks to scale from; by default the measured ones of an SM slice (a stand-in),
+    else the card's published figures, as the targets' are."""
     if not bench.get("kernels"):
         raise InputError("this benchmark has no GPU kernel times (made on a CPU, or by a fluxkit before projections "
                          "split them): run `fluxkit bench --json` again on the GPU to project from")
     summary = bench["plain"]["summary"]
     measured = {p: summary[p]["p50"] for p in PHASES}
     work = phase_work(meta, preset, placement, plan, preset.generation)
-    result = project(work, measured, bench["kernels"]["seconds"], gpu_of(bench["model"]["device_name"]), targets,
-                     summary["total"]["p99"] / summary["total"]["p50"])
+    if source is None:
+        source = measured_spec(bench) if bench.get("stand_in") else gpu(gpu_of(bench["model"]["device_name"]))
+    specs = targets if isinstance(targets, dict) else {key: gpu(key) for key in targets}
+    result = project(work, measured, bench["kernels"]["seconds"], source, specs, summary["total"]["p50"],
+                     summary["total"]["p99"])
     result.update(preset=preset.name, placement=placement.name, device_name=bench["model"]["device_name"])
     return result
 
 
 def cross_check(source_bench: dict, target_bench: dict, meta: dict, preset: Preset, placement: PlacementSpec,
                 plan: Plan) -> dict:
-    """Measure on one card, project the other, compare with what the other measured: error per phase."""
+    """Measure on one card (or slice), project the other, compare with what the other measured: error per phase.
+    Where both runs measured their peaks (`fluxkit bench` does on a GPU), the projection scales by those; else by
+    the published figures."""
     measured_with = (target_bench["model"]["preset"], target_bench["model"]["placement"]["name"])
     if measured_with != (preset.name, placement.name):
         raise InputError(f"the run to check against was measured with preset {measured_with[0]} under "
                          f"{measured_with[1]}, the projection is of {preset.name} under {placement.name}; compare "
                          "runs of the same preset and placement")
-    target = gpu_of(target_bench["model"]["device_name"])
-    estimate = estimate_from_bench(source_bench, meta, preset, placement, plan, [target])
+    source, target = measured_spec(source_bench), measured_spec(target_bench)
+    if source is None or target is None:
+        source = dataclasses.replace(gpu(gpu_of(source_bench["model"]["device_name"])),
+                                     name=source_bench["model"]["device_name"])
+        target = dataclasses.replace(gpu(gpu_of(target_bench["model"]["device_name"])),
+                                     name=target_bench["model"]["device_name"])
+    estimate = estimate_from_bench(source_bench, meta, preset, placement, plan, {"target": target}, source)
     measured = {p: target_bench["plain"]["summary"][p]["p50"] for p in PHASES}
-    errors = {p: estimate["phases"][p]["projected_s"][target] / measured[p] - 1 for p in PHASES if measured[p] > 0}
-    total = estimate["projected_p50_s"][target] / target_bench["plain"]["summary"]["total"]["p50"] - 1
-    return {"source": estimate["device_name"], "target": target_bench["model"]["device_name"],
-            "projected_s": {p: estimate["phases"][p]["projected_s"][target] for p in PHASES}, "measured_s": measured,
-            "error_by_phase": errors, "end_to_end_error": total, "usable": abs(total) <= 0.15}
+    projected = {p: estimate["phases"][p]["projected_s"]["target"] for p in PHASES}
+    errors = {p: projected[p] / measured[p] - 1 for p in PHASES if measured[p] > 0}
+    summary = target_bench["plain"]["summary"]["total"]
+    total = estimate["projected_p50_s"]["target"] / summary["p50"] - 1
+    return {"source": source.name, "target": target.name, "projected_s": projected, "measured_s": measured,
+            "error_by_phase": errors, "end_to_end_error": total, "usable": abs(total) <= 0.15,
+            "projected_p99_s": estimate["projected_p99_s"]["target"], "measured_p99_s": summary["p99"],
+            "p99_error": estimate["projected_p99_s"]["target"] / summary["p99"] - 1}
 
 
 DEFAULT_TARGETS = ("rtx3060", "rtx4090", "l4", "a100", "h100", "h200")
@@ -201,7 +278,7 @@ DEFAULT_TARGETS = ("rtx3060", "rtx4090", "l4", "a100", "h100", "h200")
 
 def for_model(model, bench: dict, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict:
     """The projection of a benchmark of a loaded model, or why there is none (a CPU run, an unknown GPU)."""
-    from .checkpoint import meta_components
+    from ..checkpoint import meta_components
 
     if model.device.type != "cuda":
         return {"applicable": False, "reason": "measured on CPU: projections start from a GPU measurement"}

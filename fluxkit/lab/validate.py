@@ -11,6 +11,7 @@ Returns a non-zero exit code when a notebook fails (its executed copy is still s
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -19,13 +20,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checks import check_number
-from .config import Preset, load_placement, load_preset, preset_to_dict
-from .environment import environment
-from .errors import InputError
-from .hub import resolve_model
-from .loading import compute_dtype, resolve_device
-from .placement import describe
+from ..checks import MAX_SEED, check_number
+from ..config import Preset, load_placement, load_preset, preset_to_dict
+from ..environment import environment
+from ..errors import InputError
+from ..hub import resolve_model
+from ..placement import describe
+from ..preflight import compute_dtype, resolve_device
+from ..version import __version__
 from .references import cases_for, reference_key
 from .report import (
     SCHEMA_VERSION,
@@ -35,11 +37,10 @@ from .report import (
     validate_metrics,
     weights_statement,
 )
-from .version import __version__
 
 log = logging.getLogger("fluxkit")
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).parent / "notebooks"  # the notebooks fluxkit ships (the repository's notebooks/)
 NOTEBOOKS = ("01_vram_profile", "02_latency", "03_quality_regression", "04_quantization_tradeoffs")
 SECTIONS = {"01_vram_profile": "vram", "02_latency": "latency", "03_quality_regression": "quality",
             "04_quantization_tradeoffs": "sweep"}
@@ -111,54 +112,54 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
 def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
              name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
              seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", baseline: bool = False,
-             sweep_presets: list[str] | None = None, resume: bool = False, progress: bool = True) -> tuple[Path, int]:
-    """Run every notebook and write the report; returns (report folder, exit code). With `resume`, the notebooks
-    an interrupted run of the same name and parameters finished are kept, not run again."""
+             sweep_presets: list[str] | None = None, resume: bool = False, progress: bool = True,
+             sms: int | None = None) -> tuple[Path, int]:
+    """Run every notebook and write the report; returns (report folder, exit code). With `resume`, a notebook an
+    interrupted run of the same name and parameters finished is kept only if it proves it (`_proven`). `sms`: the
+    latency notebook runs on that many SMs of the GPU, an RTX 3060 stand-in (fluxkit/lab/standin.py)."""
     import papermill
     from tqdm.auto import tqdm
 
-    preset = load_preset(quantization)
-    placement = load_placement(placement or preset.placement).name
+    from ..loading import plan_load
+
     check_number("iterations", iterations, 1, 100_000, integer=True)
     check_number("drift_calls", drift_calls, 2, 100_000, integer=True)
-    check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    check_number("seed", seed, 0, MAX_SEED, integer=True)
+    if sms is not None:
+        from .standin import refused
+
+        reason = refused(sms, device)
+        if reason:
+            raise InputError(f"sms: {reason}")
     sweep_presets = [load_preset(p).name for p in sweep_presets] if sweep_presets else None
+    planned = plan_load(device, quantization, model, placement=placement, preflight_check=False)
+    preset, placement = planned.preset, planned.placement.name
     check_references(model, device, preset, placement)
     out_root = Path(out_root)
     name = check_report_name(name) if name is not None else default_name(model, device, quantization, placement)
     out_dir = out_root / name
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a folder; choose another --name or --out-root")
-    out_root.mkdir(parents=True, exist_ok=True)
-    kernel = ensure_kernel()
     parameters = dict(model=str(model), device=device, quantization=quantization, placement=placement, seed=seed,
                       out_dir=".", iterations=iterations, drift_calls=drift_calls, baseline=baseline,
-                      sweep_presets=sweep_presets, clip_model=clip_model, clip_pretrained=clip_pretrained)
+                      sweep_presets=sweep_presets, clip_model=clip_model, clip_pretrained=clip_pretrained, sms=sms)
     work = out_root / f".{name}.incomplete"
-    status = _resumable(work, parameters) if resume else {}
-    if not status:
+    fingerprint = run_fingerprint(planned.source.path, parameters)
+    runs = _resumable(work, parameters, fingerprint) if resume else {}
+    out_root.mkdir(parents=True, exist_ok=True)
+    kernel = ensure_kernel()
+    if not runs:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
     completed = False
     try:
         for nb in tqdm(NOTEBOOKS, desc="fluxkit validate", unit="notebook", disable=not progress):
-            if status.get(nb) == "ok":
+            if nb in runs:
                 log.info("notebook %s: kept from the interrupted run in %s", nb, work)
                 continue
-            executed = work / f"{nb}.ipynb"
-            try:
-                papermill.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(executed), parameters=parameters,
-                                           kernel_name=kernel, progress_bar=False, cwd=str(work))
-                status[nb] = "ok"
-            except Exception as err:  # papermill's execution error, or a kernel that died: the notebook is saved
-                log.error("notebook %s failed: %s", nb, str(err).strip().splitlines()[-1] if str(err).strip() else err)
-                status[nb] = "failed"
-            if executed.exists():
-                try:
-                    html_of(executed)
-                except Exception as err:  # a missing nbconvert template must not cost the rest of the report
-                    log.error("HTML rendering of %s failed: %s", nb, err)
-            (work / RUN_FILE).write_text(json.dumps({"parameters": parameters, "notebooks": status}, indent=2))
+            runs[nb] = _run_notebook(papermill, nb, work, parameters, kernel, fingerprint)
+            (work / RUN_FILE).write_text(json.dumps({"parameters": parameters, "notebooks": runs}, indent=2))
+        status = {nb: run["status"] for nb, run in runs.items()}
         metrics = _collect(work, name, status, preset, parameters)
         (work / RUN_FILE).unlink()
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -171,18 +172,103 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
     return out_dir, 0 if metrics["verdict"] == "pass" else 1
 
 
-def _resumable(work: Path, parameters: dict) -> dict[str, str]:
-    """The notebook status of an interrupted run in `work`, if it ran with these parameters; {} when there is none."""
-    if not (work / RUN_FILE).is_file():
+def _run_notebook(papermill, nb: str, work: Path, parameters: dict, kernel: str, fingerprint: str) -> dict:
+    """Execute one notebook into `work` (saved even when it fails) and record what proves it ran."""
+    executed = work / f"{nb}.ipynb"
+    try:
+        papermill.execute_notebook(str(NOTEBOOK_DIR / f"{nb}.ipynb"), str(executed), parameters=parameters,
+                                   kernel_name=kernel, progress_bar=False, cwd=str(work))
+        status = "ok"
+    except Exception as err:  # papermill's execution error, or a kernel that died: the notebook is saved
+        log.error("notebook %s failed: %s", nb, str(err).strip().splitlines()[-1] if str(err).strip() else err)
+        status = "failed"
+    if executed.exists():
+        try:
+            html_of(executed)
+        except Exception as err:  # a missing nbconvert template must not cost the rest of the report
+            log.error("HTML rendering of %s failed: %s", nb, err)
+    files = [f.name for f in (executed, executed.with_suffix(".html"), work / f"{SECTIONS[nb]}.json") if f.is_file()]
+    return {"status": status, "fingerprint": fingerprint, "files": {f: _sha256(work / f) for f in files}}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_fingerprint(checkpoint: Path, parameters: dict) -> str:
+    """What a notebook's result depends on: fluxkit's code and configs, the notebooks, the weights (each weight
+    file's name, size and modification time) and the parameters."""
+    package = Path(__file__).resolve().parents[1]
+    code = sorted(p for p in package.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file())
+    code += sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+    weights = sorted(p for p in Path(checkpoint).rglob("*") if p.is_file())
+    digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode())
+    for p in code:
+        digest.update(p.name.encode() + p.read_bytes())
+    for p in weights:
+        st = p.stat()
+        digest.update(f"{p.relative_to(checkpoint)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _proven(work: Path, nb: str, run: object, parameters: dict, fingerprint: str) -> str | None:
+    """Why a notebook an interrupted run marked finished must run again, or None when its files prove it ran to the
+    end: executed cell by cell without an error, by papermill with these parameters, its HTML and section JSON
+    present and unchanged since, with the same code, weights and settings."""
+    import nbformat
+
+    if not isinstance(run, dict) or run.get("status") != "ok":
+        return "it did not finish"
+    if run.get("fingerprint") != fingerprint:
+        return "fluxkit's code, the notebooks or the weights changed since it ran"
+    files = run.get("files")
+    for f in (f"{nb}.ipynb", f"{nb}.html", f"{SECTIONS[nb]}.json"):
+        if not isinstance(files, dict) or f not in files or not (work / f).is_file():
+            return f"{f} is missing"
+        if _sha256(work / f) != files[f]:
+            return f"{f} changed since the notebook wrote it"
+    try:
+        executed = nbformat.read(work / f"{nb}.ipynb", as_version=4)
+    except Exception as err:  # any unreadable notebook is one that must run again
+        return f"{nb}.ipynb cannot be read ({type(err).__name__})"
+    if (executed.metadata.get("papermill") or {}).get("parameters") != parameters:
+        return f"{nb}.ipynb was not executed by papermill with these parameters"
+    for cell in executed.cells:
+        if cell.cell_type == "code" and cell.source.strip() and (
+                cell.get("execution_count") is None or any(o.get("output_type") == "error" for o in cell.outputs)):
+            return f"{nb}.ipynb has a cell that did not run or raised"
+    return None
+
+
+def _resumable(work: Path, parameters: dict, fingerprint: str) -> dict[str, dict]:
+    """The notebooks an interrupted run in `work` proved it finished with these parameters; {} when there is none."""
+    path = work / RUN_FILE
+    if not path.is_file():
         log.info("nothing to resume in %s: every notebook runs", work)
         return {}
-    earlier = json.loads((work / RUN_FILE).read_text())
-    changed = sorted(k for k in parameters.keys() | earlier["parameters"].keys()
-                     if parameters.get(k) != earlier["parameters"].get(k))
+    try:
+        earlier = json.loads(path.read_text())
+        earlier_parameters, runs = earlier["parameters"], earlier["notebooks"]
+        if not (isinstance(earlier_parameters, dict) and isinstance(runs, dict)):
+            raise TypeError("not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"--resume: {path} is damaged ({type(err).__name__}: {err}); delete {work} or run without "
+                         "--resume to start over") from None
+    changed = sorted(k for k in parameters.keys() | earlier_parameters.keys()
+                     if parameters.get(k) != earlier_parameters.get(k))
     if changed:
         raise InputError(f"--resume: the interrupted run in {work} had other values of {', '.join(changed)}; "
                          "rerun with the same values, or without --resume to start over")
-    return earlier["notebooks"]
+    kept = {}
+    for nb, run in runs.items():
+        if nb not in NOTEBOOKS:
+            continue
+        why = _proven(work, nb, run, parameters, fingerprint)
+        if why:
+            log.warning("notebook %s runs again: %s", nb, why)
+        else:
+            kept[nb] = run
+    return kept
 
 
 def _collect(work: Path, name: str, status: dict, preset, parameters: dict) -> dict:

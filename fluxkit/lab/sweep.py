@@ -1,39 +1,42 @@
 """Quantization tradeoffs: every preset, with T5 quantized or not, under a placement, side by side on weight
 bytes, load time, GPU memory, latency and fidelity to bf16 images of the same prompts and seeds.
 
-On a GPU each variant runs in a fresh process (`python -m fluxkit.sweep`), so that its memory is its own;
-on a CPU, where device memory is not measured, they run in this process. Fidelity on random weights
+On a GPU each variant runs in a fresh process (`fluxkit.lab.fresh`), so that its memory is its own; on a CPU,
+where device memory is not measured, they run in this process; on a Ray cluster each is a task of its own
+(`fluxkit.lab.cluster`). Fidelity on random weights
 measures quantization error on Gaussian-like weights, not image quality on trained weights: every
 result says so, next to the published figures for the real schnell.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .bench import DEFAULT_PROMPT, call_prompt
-from .config import SWEEP_VARIANT_TIMEOUT_S, Preset, available_presets, load_placement, load_preset
-from .errors import FluxkitError, InputError, one_line
-from .images import load_png, save_png
-from .memory import GB, device_available, release_device_memory
+from ..config import Preset, available_presets, load_placement, load_preset
+from ..errors import FluxkitError
+from ..images import load_png, save_png
+from ..loading import WARM_UP_STAGE
+from ..memory import GB, device_available, release_device_memory
+from .bench import timed_calls
+from .fresh import FreshProcessError, call_in_fresh_process, reason
 from .metrics import ClipScorer, load_lpips, psnr, ssim, summarize
-from .references import reference_prompts
+from .prompts import reference_prompts
 from .report import from_jsonable, to_jsonable
 
 log = logging.getLogger(__name__)
 
 REFERENCE = "bf16"
+# How long one variant's process may run on a GPU before it is stopped and its row kept with the reason (the longest
+# seen, bf16 resident compiled on an H200, full-size synthetic checkpoint, took 123 s from process start to its
+# last call).
+SWEEP_VARIANT_TIMEOUT_S = 900.0
 FIDELITY_NOTE = ("fidelity on random weights measures quantization error on Gaussian-like weights, not image quality "
                  "on trained weights")
 # SVDQuant (arXiv 2411.05007), FLUX.1-schnell 4 steps on MJHQ, against bf16 images of the same seeds.
@@ -88,14 +91,14 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
                     image_dir: Path) -> dict:
     """Load one variant, render the prompts into `image_dir`, time `iterations` calls (after one warm-up), then
     (see `prequantized_load`) load it again from a pre-quantized folder."""
-    from .hub import resolve_model
-    from .loading import load_flux_schnell, weight_seconds
-    from .quantization import gguf_file, unsupported_placement
+    from ..hub import resolve_model
+    from ..loading import load_flux_schnell
+    from ..quantizers.gguf import gguf_file
 
     preset = variant.resolved_preset()
     gguf_write_s = None
-    if preset.quantization.backend == "gguf" and not unsupported_placement(preset.quantization,
-                                                                          load_placement(variant.placement)):
+    if preset.quantization.backend == "gguf" and not preset.quantization.quantizer.unsupported(
+            preset.quantization, None, load_placement(variant.placement)):
         # the file is written once per checkpoint and type; the load below reads it, pre-quantized
         start = time.perf_counter()
         gguf_file(Path(resolve_model(model).path), preset.quantization.quant_type)
@@ -103,6 +106,7 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
     start = time.perf_counter()
     m = load_flux_schnell(device=device, quantization=preset, model=model, placement=variant.placement)
     load_s = time.perf_counter() - start
+    m.profiling = True  # this process is the variant's own: its peaks per call are what the row reports
     on_gpu = device_available(m.device)
     resident = torch.cuda.memory_allocated(m.device) if on_gpu else None
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -110,19 +114,15 @@ def measure_variant(model: str, device: str, variant: Variant, prompts: list[dic
     for case in prompts:
         save_png(m.generate(case["prompt"], seed=case["seed"]), image_dir / f"{case['name']}.png")
         peaks.append(m.last_call.peak_reserved)
-    times = []
-    for i in range(iterations):
-        t0 = time.perf_counter()
-        m.generate(call_prompt(DEFAULT_PROMPT, i), seed=i)
-        times.append(time.perf_counter() - t0)
-        peaks.append(m.last_call.peak_reserved)
+    rows = timed_calls(m, iterations)
+    times = [row["total"] for row in rows]
+    peaks += [row.get("peak_reserved") for row in rows]
     info = m.info()
     row = {"variant": variant.name, "preset": variant.preset, "t5_quantized": variant.t5_quantized,
            "placement": variant.placement, "compiled": info["compiled"], "cuda_graphs": info["cuda_graphs"],
            "device_name": info["device_name"], "weights": {k: v["bytes"] for k, v in m.weight_report().items()},
-           "load_s": load_s, "load_stages_s": m.load_stages, "weights_load_s": weight_seconds(m.load_stages),
-           "gguf_write_s": gguf_write_s,
-           "compile_s": m.compile_seconds, "resident_bytes": resident,
+           "load_s": load_s, "load_stages_s": m.stages.seconds, "weights_load_s": m.stages.weights_seconds(),
+           "gguf_write_s": gguf_write_s, "compile_s": m.stages.seconds.get(WARM_UP_STAGE), "resident_bytes": resident,
            "peak_reserved_bytes": max(peaks) if on_gpu else None, "planned_resident_bytes": m.plan.resident_bytes,
            "latency": summarize(times)}
     device_used = m.device
@@ -138,8 +138,8 @@ def prequantized_load(model: str, device: str, variant: Variant, quantize_on_loa
     each variant also runs compiled, only the eager one measures it."""
     import shutil
 
-    from .loading import load_flux_schnell, weight_seconds
-    from .quantize import save_quantized
+    from ..loading import load_flux_schnell
+    from ..quantize import save_quantized
 
     preset = variant.resolved_preset()
     backend = preset.quantization.backend
@@ -147,7 +147,7 @@ def prequantized_load(model: str, device: str, variant: Variant, quantize_on_loa
         return {"reason": "unquantized: nothing to pre-quantize"}
     if backend == "gguf":
         return {"reason": "loaded from its GGUF file, pre-quantized by design (gguf_write_s: the one-time write)"}
-    if backend != "bitsandbytes_4bit":
+    if not preset.quantization.quantizer.saves_prequantized:
         return {"reason": f"{backend} presets are not saved pre-quantized (fluxkit quantize: bitsandbytes 4-bit)"}
     if variant.compiled:
         return {"reason": "measured on the eager variant (compilation plays no part in reading weights)"}
@@ -158,105 +158,111 @@ def prequantized_load(model: str, device: str, variant: Variant, quantize_on_loa
         save_s = time.perf_counter() - start
         m = load_flux_schnell(device=device, quantization=dataclasses.replace(preset, compile=False), model=folder,
                               placement=variant.placement)
-        loaded = weight_seconds(m.load_stages)
+        loaded = m.stages.weights_seconds()
         del m
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {"weights_s": loaded, "quantize_on_load_weights_s": quantize_on_load_s, "save_s": save_s}
 
 
-def _measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
-                              prompts: list[dict], timeout_s: float) -> dict:
-    image_dir.mkdir(parents=True, exist_ok=True)
-    (image_dir / "prompts.json").write_text(json.dumps(prompts))
-    command = [sys.executable, "-m", "fluxkit.sweep", "--model", model, "--device", device,
-               "--preset", variant.preset, "--t5", "quantized" if variant.t5_quantized else "bf16",
-               "--placement", variant.placement, "--compile", "on" if variant.compiled else "off",
-               "--iterations", str(iterations), "--prompts", str(image_dir / "prompts.json"), "--images", str(image_dir)]
-    try:  # a variant that stalls (a compile that never ends) must not take the rest of the sweep with it
-        run = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"did not finish within {timeout_s:g} s (load, compile warm-up, {len(prompts)} prompts and "
-                           f"{iterations} calls); stopped") from None
-    if run.returncode != 0:  # a crash the process could not report itself
-        lines = run.stderr.strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"exit {run.returncode}")
-    row = json.loads(run.stdout.strip().splitlines()[-1])
-    if "error" in row:
-        raise RuntimeError(row["error"])
-    return row
+def measure_in_fresh_process(model: str, device: str, variant: Variant, iterations: int, image_dir: Path,
+                             prompts: list[dict], timeout_s: float | None = None, threads: int | None = None) -> dict:
+    """`measure_variant` in a process of its own (its memory, compile and stalls its own), stopped after
+    `timeout_s`."""
+    try:
+        return call_in_fresh_process("fluxkit.lab.sweep:measure_variant_json", dict(
+            model=model, device=device, variant=dataclasses.asdict(variant), prompts=prompts, iterations=iterations,
+            image_dir=str(image_dir)), timeout_s, threads)
+    except FreshProcessError as err:
+        if "did not finish within" in str(err):
+            raise FreshProcessError(f"did not finish within {timeout_s:g} s (load, compile warm-up, {len(prompts)} "
+                                    f"prompts and {iterations} calls); stopped") from None
+        raise
 
 
-def load_prompts(path: str | Path | None = None, count: int | None = None) -> list[dict]:
-    """Prompt cases ({name, prompt, seed}) from a YAML or JSON file with a `cases` list, or the reference prompts."""
-    import yaml
+def measure_variant_json(model: str, device: str, variant: dict, prompts: list[dict], iterations: int,
+                         image_dir: str) -> dict:
+    """`measure_variant` with JSON arguments: what a fresh process is asked to run."""
+    return measure_variant(model, device, Variant(**variant), prompts, iterations, Path(image_dir))
 
-    if path is None:
-        cases = reference_prompts()
-    else:
-        data = yaml.safe_load(Path(path).read_text())
-        cases = data["cases"] if isinstance(data, dict) and "cases" in data else data
-        if not (isinstance(cases, list) and cases and all(isinstance(c, dict) and {"name", "prompt", "seed"} <= set(c)
-                                                          for c in cases)):
-            raise InputError(f"prompts={path}: expected a list `cases` of {{name, prompt, seed}} entries")
-    return cases[:count] if count else cases
+
+def skipped_row(variant: Variant, reason: str) -> dict:
+    """The row of a variant that did not run: it stays in the result, with the reason."""
+    return {"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
+            "t5_quantized": variant.t5_quantized, "compiled": variant.compiled, "skipped": reason}
 
 
 def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int = 5,
           prompts: list[dict] | None = None, variant_timeout_s: float = SWEEP_VARIANT_TIMEOUT_S,
-          partial: Path | None = None, compiled: tuple[bool, ...] = (True, False)) -> dict:
+          partial: Path | None = None, compiled: tuple[bool, ...] = (True, False), ray: str | None = None) -> dict:
     """Measure every variant, then score its images against the reference variant's (same prompts and seeds).
 
-    On a GPU each variant runs compiled and/or eager (`compiled`), each in a process of its own; one that runs
-    longer than `variant_timeout_s` is stopped and its row says so. Each
-    row is appended to `partial` (JSON lines) as soon as it is measured, so a run stopped part-way keeps the
+    On a GPU each variant runs compiled and/or eager (`compiled`), each in a process of its own, stopped after
+    `variant_timeout_s` with its row saying so; on a CPU they run in this process. With `ray` (an address, `auto`,
+    or `local` for a cluster of this machine's GPUs started here) each variant is a Ray task on a GPU (or CPUs) of
+    the cluster, again in a process of its own, and a worker lost mid-variant is retried once (`fluxkit.lab.cluster`).
+    Each row is appended to `partial` (JSON lines) as soon as it is measured, so a run stopped part-way keeps the
     memory and latency of the variants it finished (fidelity is scored at the end)."""
     import shutil
     import tempfile
 
-    prompts = prompts or load_prompts(count=2)
-    fresh = torch.cuda.is_available() and device != "cpu"
-    if fresh:
+    prompts = prompts or reference_prompts()[:2]
+    gpu = torch.cuda.is_available() and device != "cpu"
+    if gpu:
         variant_list = compile_axis(variant_list, compiled)
     work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
+
+    def keep(row: dict) -> None:  # a long sweep says how far it has got, and keeps what it has measured
+        log.info("sweep variant %s: %s", row["variant"], row.get("skipped", "measured"))
+        if partial is not None:
+            with open(partial, "a") as f:
+                f.write(json.dumps(to_jsonable({k: v for k, v in row.items() if k != "images"})) + "\n")
+
     try:
-        return _sweep(model, device, variant_list, clip, iterations, prompts, fresh, work, variant_timeout_s, partial)
+        image_dirs = {v: work / v.name.replace("@", "_") for v in variant_list}
+        if ray is not None:
+            from .cluster import sweep_on_ray
+
+            rows = sweep_on_ray(ray, model, device, variant_list, prompts, iterations, image_dirs, variant_timeout_s,
+                                keep)
+        else:
+            rows = [_measure_here(model, device, v, prompts, iterations, image_dirs[v], variant_timeout_s, gpu, keep)
+                    for v in variant_list]
+        return _scored(model, device, rows, prompts, clip)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer, iterations: int,
-           prompts: list[dict], fresh: bool, out_dir: Path, variant_timeout_s: float, partial: Path | None) -> dict:
-    rows = []
-    for i, variant in enumerate(variant_list, 1):
-        image_dir = out_dir / variant.name.replace("@", "_")
-        start = time.perf_counter()
-        try:
-            if fresh:
-                row = _measure_in_fresh_process(model, device, variant, iterations, image_dir, prompts, variant_timeout_s)
-            else:
-                row = measure_variant(model, device, variant, prompts, iterations, image_dir)
-        except (FluxkitError, RuntimeError) as err:  # a variant this device cannot run stays, with the reason
-            row = {"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
-                   "t5_quantized": variant.t5_quantized, "compiled": variant.compiled,
-                   "skipped": f"{type(err).__name__}: {err}"}
-        # a long sweep says how far it has got, and keeps what it has measured
-        log.info("sweep variant %d/%d %s: %.0f s", i, len(variant_list), variant.name, time.perf_counter() - start)
-        if partial is not None:
-            with open(partial, "a") as f:
-                f.write(json.dumps(to_jsonable(row)) + "\n")
-        if "skipped" not in row:
-            row["images"] = image_dir
-        rows.append(row)
+def _measure_here(model: str, device: str, variant: Variant, prompts: list[dict], iterations: int, image_dir: Path,
+                  timeout_s: float, fresh: bool, keep) -> dict:
+    """One variant on this machine: in a fresh process (a GPU's), or in this one (a CPU's)."""
+    try:
+        if fresh:
+            row = measure_in_fresh_process(model, device, variant, iterations, image_dir, prompts, timeout_s)
+        else:
+            row = measure_variant(model, device, variant, prompts, iterations, image_dir)
+        row["images"] = image_dir
+    except (FluxkitError, RuntimeError) as err:  # a variant this device cannot run stays, with the reason
+        row = skipped_row(variant, reason(err))
+    keep(row)
+    return row
+
+
+def _scored(model: str, device: str, rows: list[dict], prompts: list[dict], clip: ClipScorer) -> dict:
+    """The result: each measured row's fidelity to the reference variant's images (the same prompts and seeds)."""
     reference = next((r for r in rows if r["preset"] == REFERENCE and "skipped" not in r), None)  # compiled first
     lpips, lpips_note = load_lpips()
+    if reference is not None:  # each image through CLIP once (ViT-L/14 takes about a second an image on a CPU)
+        references = [load_png(Path(reference["images"]) / f"{c['name']}.png") for c in prompts]
+        reference_features = [clip.image_features(image) for image in references]
     for row in rows:
         if "skipped" in row or reference is None:
             continue
-        pairs = [(load_png(Path(row["images"]) / f"{c['name']}.png"),
-                  load_png(Path(reference["images"]) / f"{c['name']}.png")) for c in prompts]
+        images = [load_png(Path(row["images"]) / f"{c['name']}.png") for c in prompts]
+        pairs = list(zip(images, references))
+        cosines = [float(clip.image_features(image) @ features) for image, features in zip(images, reference_features)]
         row["fidelity"] = {"psnr_db": min(psnr(a, b) for a, b in pairs), "ssim": min(ssim(a, b) for a, b in pairs),
-                           "clip_image_cosine": min(clip.image_cosine(a, b) for a, b in pairs)}
+                           "clip_image_cosine": min(cosines)}
         if lpips:  # the worst prompt, as for the others
             row["fidelity"]["lpips"] = max(lpips(a, b) for a, b in pairs)
     for row in rows:
@@ -316,28 +322,3 @@ def write_csv(result: dict, path: str | Path) -> Path:
                                  "peak_reserved_gb": gb(r["peak_reserved_bytes"]), "p50_s": r["latency"]["p50"],
                                  "p99_s": r["latency"]["p99"], **fidelity})})
     return path
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="measure one sweep variant in this process; prints one JSON line")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--preset", required=True)
-    parser.add_argument("--t5", choices=("quantized", "bf16"), default="quantized")
-    parser.add_argument("--placement", default="resident")
-    parser.add_argument("--compile", choices=("on", "off"), default="on")
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--prompts", required=True, help="a JSON list of {name, prompt, seed}")
-    parser.add_argument("--images", required=True)
-    args = parser.parse_args()
-    variant = Variant(args.preset, args.t5 == "quantized", load_placement(args.placement).name, args.compile == "on")
-    try:
-        row = measure_variant(args.model, args.device, variant, load_prompts(args.prompts), args.iterations,
-                              Path(args.images))
-    except (FluxkitError, RuntimeError) as err:  # the whole reason, on one line, for the sweep's row
-        row = {"error": one_line(err)}
-    print(json.dumps(row))
-
-
-if __name__ == "__main__":
-    _main()

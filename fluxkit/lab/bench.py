@@ -19,14 +19,25 @@ import time
 import numpy as np
 import torch
 
-from .checks import check_number
-from .config import LEVERS, load_placement, load_preset
-from .errors import FluxkitError, InputError, one_line
-from .generation import FluxModel
+from ..checks import check_number
+from ..config import PlacementSpec, load_placement, load_preset
+from ..errors import FluxkitError, InputError, one_line
+from ..generation import FluxModel
+from ..sampling import PHASE_RANGE, PHASES
 from .metrics import psnr, summarize
-from .sampling import PHASE_RANGE, PHASES
 
 DEFAULT_PROMPT = "manic scientist, blue spiked hair, white lab coat"
+# One fast-path lever each: the preset fields and placement fields it changes (fluxkit/fastpath.py says what each
+# gives). `fluxkit bench --levers` times fluxkit's path as configured against each, side by side.
+LEVERS = {
+    "eager": ({"compile": False, "cuda_graphs": False}, {}),
+    "compiled": ({"compile": True}, {}),  # for the presets that run uncompiled
+    "no-cuda-graphs": ({"cuda_graphs": False}, {}),
+    "reduce-overhead": ({"compile_mode": "reduce-overhead", "compile_scope": "transformer", "cuda_graphs": False}, {}),
+    "untiled-decode": ({}, {"vae_tile_size": None}),
+    "whole-transformer": ({"compile_scope": "transformer"}, {}),
+    "bitsandbytes-dequantize": ({"dequantize_kernel": "bitsandbytes"}, {}),
+}
 BOOTSTRAP_RESAMPLES = 2000
 KERNEL_CALLS = 3
 FAST_PRESET = "bf16"  # the side by side's fastest fluxkit path; the NF4 path is also read as a multiple of it
@@ -51,16 +62,31 @@ def output_buffer(model: FluxModel) -> torch.Tensor:
     return torch.empty((gen.height, gen.width, 3), dtype=torch.float32)
 
 
-def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: int, **kwargs) -> dict:
-    buffer = output_buffer(model)
+def timed_calls(model, count: int, prompt: str = DEFAULT_PROMPT, seed: int = 0, output: torch.Tensor | None = None,
+                first: int = 0, warmup: int = 0, **kwargs) -> list[dict]:
+    """`warmup` untimed calls, then `count` timed ones, each with a prompt of its own (the prompt cache never hits)
+    and seed `seed + i`, into a pre-allocated host image as Vortex passes it (so each call ends with the copy to the
+    host): per call its wall-clock start (Unix s) and total seconds, and for a FluxModel each phase's seconds (and
+    its peaks, when the model is profiling). `model` is a FluxModel or anything with generate(prompt, seed, output)."""
+    output = output_buffer(model) if output is None else output
     for i in range(warmup):
-        model.generate(call_prompt(prompt, -1 - i), seed=seed + i, output=buffer, **kwargs)
+        model.generate(call_prompt(prompt, -1 - i), seed=seed + i, output=output, **kwargs)
     rows = []
-    for i in range(iterations):
+    for i in range(first, first + count):
         started, start = time.time(), time.perf_counter()
-        model.generate(call_prompt(prompt, i), seed=seed + i, output=buffer, **kwargs)
-        total = time.perf_counter() - start
-        rows.append({"started": started, "total": total, **model.last_call.timings})
+        model.generate(call_prompt(prompt, i), seed=seed + i, output=output, **kwargs)
+        row = {"started": started, "total": time.perf_counter() - start}
+        if isinstance(model, FluxModel):
+            call = model.last_call
+            row.update(call.timings)
+            if call.peak is not None:
+                row.update(peak=call.peak, peak_reserved=call.peak_reserved)
+        rows.append(row)
+    return rows
+
+
+def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: int, **kwargs) -> dict:
+    rows = timed_calls(model, iterations, prompt, seed, warmup=warmup, **kwargs)
     summary = {key: summarize([r[key] for r in rows]) for key in ("total", *PHASES)}
     return {"iterations": rows, "summary": summary}
 
@@ -98,10 +124,12 @@ def kernel_seconds(model: FluxModel, calls: int = KERNEL_CALLS, prompt: str = DE
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    buffer = output_buffer(model)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for i in range(calls):
-            model.generate(call_prompt(prompt, 10_000 + i), seed=seed + i, output=buffer)
+    profiling, model.profiling = model.profiling, True  # each phase ends in a synchronization: its kernels are its own
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_calls(model, calls, prompt, seed, first=10_000)
+    finally:
+        model.profiling = profiling
     windows, activities = {p: [] for p in PHASES}, []
     for event in prof.profiler.kineto_results.events():
         name = event.name()
@@ -121,11 +149,17 @@ def check_counts(iterations: int, warmup: int) -> None:
 def run_benchmark(model: FluxModel, iterations: int = 50, warmup: int = 3, prompt: str = DEFAULT_PROMPT,
                   seed: int = 0, negative_prompt: str | None = "blurry, low quality", true_cfg_scale: float = 4.0) -> dict:
     """Time `iterations` generate calls (seconds); with `negative_prompt`, a second true-CFG series too."""
+    from .standin import measure_peaks
+
     check_counts(iterations, warmup)
+    cuda = model.device.type == "cuda"
     result = {"model": model.info(), "iterations": iterations, "warmup": warmup, "prompt": prompt, "unit": "s",
               "prompts": "distinct per call (no prompt-cache hits)",
+              # what this card (or SM slice) reaches, measured on the same stream as the calls: projections scale
+              # by these where both ends measured them
+              "peaks": measure_peaks(model.device) if cuda else None,
               "plain": _series(model, iterations, warmup, prompt, seed),
-              "kernels": kernel_seconds(model, prompt=prompt, seed=seed) if model.device.type == "cuda" else None}
+              "kernels": kernel_seconds(model, prompt=prompt, seed=seed) if cuda else None}
     if negative_prompt:
         result["true_cfg"] = _series(model, iterations, warmup, prompt, seed, negative_prompt=negative_prompt,
                                      true_cfg_scale=true_cfg_scale)
@@ -187,42 +221,33 @@ def side_by_side(variants: dict, iterations: int = 50, rounds: int = 10, warmup:
     check_number("rounds", rounds, 1, iterations, integer=True)
     names = list(variants)
     buffer = torch.empty((512, 512, 3), dtype=torch.float32)
-    times, started = {n: [] for n in names}, {n: [] for n in names}
-    phases = {n: [] for n in names}  # per call, for variants that time their phases (fluxkit's FluxModel)
+    rows = {n: [] for n in names}
     peaks = {n: 0 for n in names}
     images = {n: [] for n in names}
     for n in names:
-        for i in range(warmup):
-            variants[n].generate(call_prompt(prompt, -1 - i), seed=seed + i, output=buffer)
+        timed_calls(variants[n], 0, prompt, seed, output=buffer, warmup=warmup)
     per_round = iterations // rounds
+    cuda = torch.cuda.is_available()
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            call_peak = 0  # FluxModel resets the peak counter at each phase: its calls keep their own peaks
-            if torch.cuda.is_available():
+            if cuda:  # this process is the lab's own: one reading per variant and round
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            for k in range(per_round):
-                i = r * per_round + k
-                started[n].append(time.time())
-                start = time.perf_counter()
-                variants[n].generate(call_prompt(prompt, i), seed=seed + i, output=buffer)  # copying to the host syncs
-                times[n].append(time.perf_counter() - start)
-                if isinstance(variants[n], FluxModel):
-                    phases[n].append(variants[n].last_call.timings)
-                    call_peak = max(call_peak, variants[n].last_call.peak or 0)
-                if k == 0:
-                    images[n].append(buffer.clone())
-            if torch.cuda.is_available():
-                peaks[n] = max(peaks[n], max(torch.cuda.max_memory_allocated(), call_peak) - before)
+            rows[n] += timed_calls(variants[n], 1, prompt, seed, output=buffer, first=r * per_round)
+            images[n].append(buffer.clone())
+            rows[n] += timed_calls(variants[n], per_round - 1, prompt, seed, output=buffer, first=r * per_round + 1)
+            if cuda:
+                peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated() - before)
+    times = {n: [row["total"] for row in rows[n]] for n in names}
     result = {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "unit": "s",
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "variants": {n: {"summary": summarize(times[n]), "times": times[n], "started": started[n],
-                               "rise_bytes": peaks[n]} for n in names}}
+              "variants": {n: {"summary": summarize(times[n]), "times": times[n],
+                               "started": [row["started"] for row in rows[n]], "rise_bytes": peaks[n]} for n in names}}
     for n in names:
-        if phases[n]:
-            result["variants"][n]["phases"] = {p: summarize([t[p] for t in phases[n]]) for p in PHASES}
+        if isinstance(variants[n], FluxModel):  # they time their phases
+            result["variants"][n]["phases"] = {p: summarize([row[p] for row in rows[n]]) for p in PHASES}
     baseline = names[0]
     for reference in (baseline, *also_relative_to):
         result["ratios_to_" + reference] = {n: bootstrap_ratio(times[n], times[reference])
@@ -237,8 +262,8 @@ def load_side_by_side(model: str, device: str = "cuda", quantization: str = "nf4
     """The plain pattern, fluxkit's default path (`fluxkit_model` if given), fluxkit's fastest bf16 path and
     fluxkit with each of `levers` changed (`fluxkit_<lever>`) in one process, as `_load_each` returns them. With
     levers, a lever's ratio to the plain pattern comes from the same run as the default's."""
-    from .hub import resolve_model
-    from .loading import load_flux_schnell
+    from ..hub import resolve_model
+    from ..loading import load_flux_schnell
 
     folder = resolve_model(model).path
     factories = {"plain": lambda: PlainPattern(folder, load_preset(quantization), torch.device(device)),
@@ -281,13 +306,13 @@ def _load_each(factories: dict) -> tuple[dict, dict, dict]:
     return variants, resident, skipped
 
 
-def lever_settings(quantization: str, placement: str | None, levers: tuple[str, ...]) -> dict:
+def lever_settings(quantization: str, placement: str | PlacementSpec, levers: tuple[str, ...]) -> dict:
     """Lever name -> (preset, placement spec) with that lever changed from the preset and placement as configured."""
     unknown = [lever for lever in levers if lever not in LEVERS]
     if unknown:
         raise InputError(f"levers {', '.join(unknown)}: no such lever; choose from {', '.join(LEVERS)}")
     preset = load_preset(quantization)
-    spec = load_placement(placement or preset.placement)
+    spec = load_placement(placement)
     settings = {}
     for lever in levers:
         preset_fields, placement_fields = LEVERS[lever]
@@ -302,13 +327,12 @@ def load_levers(model: str, device: str, quantization: str = "nf4", placement: s
                 levers: tuple[str, ...] = tuple(LEVERS)) -> tuple[dict, dict, dict]:
     """fluxkit's path as its preset and placement say ("configured") and with each lever changed, in one process,
     as `_load_each` returns them."""
-    from .hub import resolve_model
-    from .loading import load_flux_schnell
+    from ..loading import load_flux_schnell, plan_load
 
-    settings = lever_settings(quantization, placement, levers)  # an unknown lever fails before anything loads
-    folder = resolve_model(model).path
-    preset = load_preset(quantization)
-    settings = {"configured": (preset, load_placement(placement or preset.placement)), **settings}
+    planned = plan_load(device, quantization, model, placement=placement)  # `auto` resolved once, for every lever
+    settings = lever_settings(quantization, planned.placement, levers)
+    folder = planned.source.path
+    settings = {"configured": (planned.preset, planned.placement), **settings}
     return _load_each({name: functools.partial(load_flux_schnell, device, p, folder, placement=s)
                        for name, (p, s) in settings.items()})
 

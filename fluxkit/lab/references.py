@@ -16,18 +16,18 @@ import platform
 from pathlib import Path
 
 import torch
-import yaml
 
-from .config import CONFIG_DIR, PlacementSpec, Preset
-from .environment import package_versions
-from .errors import InputError
-from .generation import FluxModel
-from .hub import ModelSource
-from .images import load_png, quantize_like_png, save_png
+from ..config import PlacementSpec, Preset
+from ..environment import package_versions
+from ..errors import InputError
+from ..generation import FluxModel
+from ..hub import ModelSource
+from ..images import load_png, quantize_like_png, save_png
+from ..version import __version__
 from .metrics import ClipScorer, psnr, ssim
-from .version import __version__
+from .prompts import reference_prompts
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference_images"  # the repository's own set
+REFERENCE_DIR = Path(__file__).parent / "reference_images"  # the set fluxkit ships (the repository's reference_images/)
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 3  # 3: the model key records the VAE decode's tile size
 # Measured: tiny references regenerated on another x86-64 CPU differ by 1/255 in 1.6-4.7% of pixels (PSNR
@@ -37,12 +37,11 @@ CROSS_MACHINE_PSNR_DB = 40.0
 
 
 def reference_dir() -> Path:
-    """FLUXKIT_REFERENCE_DIR when set (another set of references), else the repository's reference_images/."""
-    return Path(os.environ.get("FLUXKIT_REFERENCE_DIR") or REFERENCE_DIR)
-
-
-def reference_prompts() -> list[dict]:
-    return yaml.safe_load((CONFIG_DIR / "reference_prompts.yaml").read_text())["cases"]
+    """FLUXKIT_REFERENCE_DIR when set (another set of references), else the set fluxkit ships."""
+    value = os.environ.get("FLUXKIT_REFERENCE_DIR")
+    if value and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+        raise InputError(f"FLUXKIT_REFERENCE_DIR={value}: is not a folder; point it at a folder of reference images")
+    return Path(value).expanduser() if value else REFERENCE_DIR
 
 
 def model_key(model: FluxModel) -> dict:
@@ -77,10 +76,37 @@ def machine() -> dict:
 
 
 def read_manifest(ref_dir: Path | None = None) -> dict:
+    """The manifest of a reference folder (an empty one where there is none); a damaged one is refused by name."""
     path = Path(ref_dir or reference_dir()) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return {"schema_version": SCHEMA_VERSION, "cases": []}
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({' '.join(str(err).split())}); restore it from version control "
+                         "or render the references again into an empty folder") from None
+    cases = manifest.get("cases") if isinstance(manifest, dict) else None
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and {"file", "model", "request", "sha256"} <= set(c)
+                                              for c in cases):
+        raise InputError(f"{path}: expected {{schema_version, cases: [{{file, model, request, sha256, ...}}]}}; "
+                         "restore it from version control or render the references again into an empty folder")
+    return manifest
+
+
+def check_can_write(planned, ref_dir: Path | None = None, overwrite: bool = False) -> None:
+    """Refuse, before a model loads, to write over a reference set it would replace without `overwrite`
+    (`planned`: what `loading.plan_load` says will load)."""
+    ref_dir = Path(ref_dir or reference_dir())
+    key = reference_key(planned.source, planned.preset, planned.placement, planned.dtype)
+    existing = [c["file"] for c in read_manifest(ref_dir)["cases"] if c["model"] == key] + sorted(
+        n for n in _file_names(key) if (ref_dir / n).exists())
+    if existing and not overwrite:
+        raise InputError(f"{ref_dir} already holds reference images for {_slug(key)} ({len(set(existing))} files); "
+                         "pass overwrite=True (CLI: --overwrite) to replace them, or choose another folder (--out)")
+
+
+def _file_names(key: dict) -> set[str]:
+    return {f"{_slug(key)}_{s['name']}.png" for s in reference_prompts()}
 
 
 def build_references(model: FluxModel, ref_dir: Path | None = None, overwrite: bool = False) -> list[dict]:
@@ -88,14 +114,10 @@ def build_references(model: FluxModel, ref_dir: Path | None = None, overwrite: b
     only with `overwrite=True`."""
     ref_dir = Path(ref_dir or reference_dir())
     key = model_key(model)
+    check_can_write(model, ref_dir, overwrite)
     manifest = read_manifest(ref_dir)
     specs = reference_prompts()
-    names = {f"{_slug(key)}_{s['name']}.png" for s in specs}
-    existing = [c["file"] for c in manifest["cases"] if c["model"] == key] + sorted(
-        n for n in names if (ref_dir / n).exists())
-    if existing and not overwrite:
-        raise InputError(f"{ref_dir} already holds reference images for {_slug(key)} ({len(set(existing))} files); "
-                         "pass overwrite=True (CLI: --overwrite) to replace them, or choose another folder (--out)")
+    names = _file_names(key)
     ref_dir.mkdir(parents=True, exist_ok=True)
     cases = []
     for spec in specs:

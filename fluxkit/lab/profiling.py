@@ -7,22 +7,18 @@ same way: its memory cap and ballast belong to the process.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
 
-from .bench import DEFAULT_PROMPT, call_prompt
-from .config import available_placements, available_presets, load_placement, load_preset
-from .errors import GenerationError, InputError, VortexInitializationError
-from .memory import CPU_NOTE, GB, both_units, device_available, device_used
+from ..config import available_placements, available_presets, load_placement, load_preset
+from ..errors import FluxkitError, GenerationError, InputError, VortexInitializationError
+from ..memory import CPU_NOTE, GB, both_units, device_available, device_used
+from ..plan import plan_placement
+from ..synthetic import meta_model
+from .bench import DEFAULT_PROMPT, call_prompt, timed_calls
+from .fresh import call_in_fresh_process, reason
 from .metrics import summarize
-from .plan import plan_placement
-from .synthetic import meta_model
 
 
 def host_rss() -> int | None:
@@ -41,7 +37,7 @@ def profile_vram(model, drift_calls: int = 20, prompt: str = DEFAULT_PROMPT, see
     """The VRAM picture of a loaded model: weights per component (measured, and planned for every preset and
     placement from the same configs and from FLUX.1-schnell's), memory per phase of one call, the rise during
     a call, and the drift over `drift_calls` calls."""
-    from .checkpoint import meta_components
+    from ..checkpoint import meta_components
 
     if isinstance(drift_calls, bool) or not isinstance(drift_calls, int) or drift_calls < 2:
         raise InputError(f"drift_calls={drift_calls!r}: need at least 2 calls to measure drift")
@@ -54,7 +50,11 @@ def profile_vram(model, drift_calls: int = 20, prompt: str = DEFAULT_PROMPT, see
 
     model.generate(prompt, seed=seed)  # warm-up: one-time allocations are not drift
     before = torch.cuda.memory_allocated(device) if has_device else None
-    model.generate(prompt, seed=seed)
+    profiling, model.profiling = model.profiling, True  # this call's phases with their own peaks
+    try:
+        model.generate(prompt, seed=seed)
+    finally:
+        model.profiling = profiling
     call = model.last_call
     allocated = []
     for i in range(drift_calls):
@@ -85,116 +85,128 @@ def profile_vram(model, drift_calls: int = 20, prompt: str = DEFAULT_PROMPT, see
 def measure_placement(model: str, device: str, quantization: str, placement: str, calls: int = 5,
                       prompt: str = DEFAULT_PROMPT, seed: int = 0) -> dict:
     """Load one placement and time `calls` generates (after one warm-up); meant for a fresh process."""
-    from .loading import load_flux_schnell
+    from ..loading import load_flux_schnell
 
     rss_before = host_rss()
     m = load_flux_schnell(device=device, quantization=quantization, model=model, placement=placement)
+    m.profiling = True  # a process of its own: each call's peaks are its own
     on_gpu = device_available(m.device)
     resident = torch.cuda.memory_allocated(m.device) if on_gpu else None
     rss_loaded = host_rss()
-    m.generate(call_prompt(prompt, -1), seed=seed)
-    times, peaks, reserved = [], [], []
-    for i in range(calls):  # a new prompt each call: T5 runs every time
-        start = time.perf_counter()
-        m.generate(call_prompt(prompt, i), seed=seed + i)
-        times.append(time.perf_counter() - start)
-        peaks.append(m.last_call.peak)
-        reserved.append(m.last_call.peak_reserved)
+    rows = timed_calls(m, calls, prompt, seed, warmup=1)  # a new prompt each call: T5 runs every time
+    times = [row["total"] for row in rows]
+    peaks, reserved = [row.get("peak") for row in rows], [row.get("peak_reserved") for row in rows]
     result = {"placement": placement, "quantization": quantization, "device_name": m.info()["device_name"],
               "plan": m.plan.to_dict(), "load_seconds": round(m.load_seconds, 3),
               "host_rss_added": None if rss_before is None else rss_loaded - rss_before,
               "latency": summarize(times), "resident": resident,
               "peak_allocated": max(peaks) if on_gpu else None, "peak_reserved": max(reserved) if on_gpu else None,
-              "load_peak_reserved": m.load_memory.peak_reserved,
               "phases": [p.to_dict() for p in m.last_call.memory]}
     if on_gpu:
         result["rise"] = result["peak_allocated"] - resident
     return result
 
 
-def _in_fresh_process(args: list[str], placement: str) -> dict:
-    run = subprocess.run([sys.executable, "-m", "fluxkit.profiling", *args, "--placement", placement],
-                         capture_output=True, text=True, env=os.environ.copy())
-    if run.returncode != 0:
-        lines = run.stderr.strip().splitlines()
-        return {"placement": placement, "error": lines[-1] if lines else f"exit {run.returncode}"}
-    return json.loads(run.stdout.strip().splitlines()[-1])
+def _in_fresh_process(function: str, kwargs: dict) -> dict:
+    """On a GPU, in a fresh process: the memory Vortex reads after loading is that process's own. On a CPU, where no
+    device memory is read, in this one."""
+    try:
+        if not _on_gpu(kwargs["device"]):
+            return globals()[function](**kwargs)
+        return call_in_fresh_process(f"fluxkit.lab.profiling:{function}", kwargs)
+    except (FluxkitError, RuntimeError) as err:
+        return {"placement": kwargs["placement"], "error": reason(err)}
+
+
+def _on_gpu(device: str) -> bool:
+    return device != "cpu" and torch.cuda.is_available()
 
 
 def compare_placements(model: str, device: str, quantization: str, placements: list[str] | None = None,
                        calls: int = 5, seed: int = 0) -> list[dict]:
-    """`measure_placement` for each placement, each in a fresh Python process (as Vortex measures)."""
-    args = ["--model", str(model), "--device", device, "--quantization", quantization, "--calls", str(calls),
-            "--seed", str(seed)]
-    return [_in_fresh_process(args, placement) for placement in placements or available_placements()]
+    """`measure_placement` for each placement, each in a fresh Python process on a GPU (as Vortex measures)."""
+    return [_in_fresh_process("measure_placement", dict(model=str(model), device=device, quantization=quantization,
+                                                        placement=placement, calls=calls, seed=seed))
+            for placement in placements or available_placements()]
 
 
-def largest_rises(calls: list) -> dict[str, int]:
-    """Per phase, the largest rise above the phase's start over `calls` (CallRecords): the working memory a
-    placement needs."""
-    rises: dict[str, int] = {}
-    for call in calls:
-        for m in call.memory:
-            rises[m.phase] = max(rises.get(m.phase, 0), m.rise)
-    return rises
+def beside_vortex(model: str, device: str, quantization: str, placement: str = "auto", calls: int = 100,
+                  prompt: str = DEFAULT_PROMPT, seed: int = 0, sms: int | None = None) -> dict:
+    """Vortex's co-tenancy check in this process (meant to be a fresh one), the host's way: the process capped at
+    `budgets.vortex_total_gb` and its peak counters reset once, a ballast tensor holding the rest of Vortex's share,
+    then Flux loaded with `placement` and nothing else (no `vram_limit_gb`: the cap is the host's), and `calls`
+    generates into a pre-allocated buffer. The host's one peak reading covers the load and every call. The outcome
+    is "refused" (at load, with the pre-flight's or the out-of-memory's figures), "failed" (a call's
+    GenerationError, e.g. out of memory) or "ran", with the figures of what ran. `sms`: all of it (the ballast, the
+    load and the calls) on that many SMs of the GPU, the RTX 3060 stand-in of fluxkit/lab/standin.py."""
+    from . import standin
+
+    if sms is None:
+        return _beside_vortex(model, device, quantization, placement, calls, prompt, seed)
+    piece = standin.open_slice(sms, device)
+    try:
+        with standin.on(piece):
+            row = _beside_vortex(model, device, quantization, placement, calls, prompt, seed)
+        return {**row, "stand_in": piece.to_dict()}
+    finally:
+        standin.close(piece)
 
 
-def beside_vortex(model: str, device: str, quantization: str, placement: str, calls: int = 100,
-                  prompt: str = DEFAULT_PROMPT, seed: int = 0) -> dict:
-    """Vortex's co-tenancy check in this process (meant to be a fresh one): the process capped at
-    `budgets.vortex_total_gb`, a ballast tensor holding the rest of Vortex's share, then Flux loaded with
-    `placement` and `calls` generates into a pre-allocated buffer. The outcome is "refused" (at load, with the
-    pre-flight's or the out-of-memory's figures), "failed" (a call's GenerationError, e.g. out of memory) or
-    "ran", with the figures of what ran."""
-    from .loading import load_flux_schnell, resolve_device
+def _beside_vortex(model: str, device: str, quantization: str, placement: str, calls: int, prompt: str,
+                   seed: int) -> dict:
+    from ..loading import load_flux_schnell
+    from ..preflight import process_cap_bytes, resolve_device
 
     dev = resolve_device(device)
-    preset, placement = load_preset(quantization), load_placement(placement).name  # bad names fail before any work
+    preset = load_preset(quantization)
+    if placement != "auto":
+        placement = load_placement(placement).name  # bad names fail before any work
     row = {"placement": placement, "quantization": quantization}
     if not device_available(dev):
         return {**row, "applicable": False, "reason": "needs a CUDA device: the cap and the ballast are device memory"}
     budgets, size = preset.budgets, preset.generation
     torch.cuda.set_per_process_memory_fraction(
         budgets.vortex_total_gb * GB / torch.cuda.get_device_properties(dev).total_memory, dev)
+    cap = process_cap_bytes(dev)
+    torch.cuda.reset_peak_memory_stats(dev)  # the host's one reset: its reading spans the load and every call
     ballast = torch.empty(int(budgets.rest_of_vortex_gb * GB), dtype=torch.uint8, device=dev)  # held until return
     before = torch.cuda.memory_allocated(dev)  # the allocator rounds the ballast up to 2 MiB
     row.update(applicable=True, device_name=torch.cuda.get_device_name(dev), cap_gb=budgets.vortex_total_gb,
                ballast_bytes=ballast.numel())
     try:
-        m = load_flux_schnell(device=dev, quantization=preset, model=model, placement=placement,
-                              vram_limit_gb=budgets.vortex_total_gb)
+        m = load_flux_schnell(device=dev, quantization=preset, model=model, placement=placement)
     except VortexInitializationError as err:
         return {**row, "outcome": "refused", "required_gb": err.required_vram_gb, "available_gb": err.available_vram_gb,
                 "left_allocated_bytes": torch.cuda.memory_allocated(dev) - before, "message": err.message}
-    row.update(resident_bytes=torch.cuda.memory_allocated(dev) - before, planned_resident_bytes=m.plan.resident_bytes)
+    row.update(placement=m.placement.name, placement_reason=m.placement_reason,
+               resident_bytes=torch.cuda.memory_allocated(dev) - before, planned_resident_bytes=m.plan.resident_bytes,
+               quantized_layers=m.quantized_layers)
     buffer = torch.empty((size.height, size.width, 3), dtype=torch.float32)
-    records, times = [], []
+    times, phases = [], []
     try:
         m.generate(call_prompt(prompt, -1), seed=seed, output=buffer)  # warm-up
-        records.append(m.last_call)
-        torch.cuda.synchronize(dev)
         start = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
         for i in range(calls):  # a repeated prompt every other call: embedding cache hits and misses
             t0 = time.perf_counter()
             m.generate(prompt if i % 2 else call_prompt(prompt, i), seed=seed + i, output=buffer)
             times.append(time.perf_counter() - t0)
-            records.append(m.last_call)
+            phases.append(m.last_call.timings)
     except GenerationError as err:
-        return {**row, "outcome": "failed", "call": len(times), "phase": err.phase, "message": str(err),
-                "largest_rise_bytes": largest_rises(records)}
+        return {**row, "outcome": "failed", "call": len(times), "phase": err.phase, "message": str(err)}
     torch.cuda.synchronize(dev)
     return {**row, "outcome": "ran", "calls": calls, "drift_bytes": torch.cuda.memory_allocated(dev) - start,
             "process_peak_reserved_bytes": torch.cuda.max_memory_reserved(dev),
-            "largest_rise_bytes": largest_rises(records), "latency": summarize(times)}
+            "process_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+            "cap_kept": process_cap_bytes(dev) == cap, "latency": summarize(times),
+            "phases": {p: summarize([t[p] for t in phases]) for p in phases[0]}}
 
 
 def cotenancy(model: str, device: str, quantization: str, placements: list[str], calls: int = 100,
-              seed: int = 0) -> list[dict]:
-    """`beside_vortex` for each placement, each in a fresh Python process."""
-    args = ["--beside-vortex", "--model", str(model), "--device", device, "--quantization", quantization,
-            "--calls", str(calls), "--seed", str(seed)]
-    return [_in_fresh_process(args, placement) for placement in placements]
+              seed: int = 0, sms: int | None = None) -> list[dict]:
+    """`beside_vortex` for each placement, each in a fresh Python process (on a CPU, each row says why not)."""
+    return [_in_fresh_process("beside_vortex", dict(model=str(model), device=device, quantization=quantization,
+                                                    placement=placement, calls=calls, seed=seed, sms=sms))
+            for placement in placements]
 
 
 def cotenancy_table(rows: list[dict]) -> list[dict]:
@@ -236,26 +248,3 @@ def placement_table(rows: list[dict]) -> list[dict]:
                       else round(r["rise"] / 1e6, 1), "host_gb": gb(r["plan"]["host_bytes"]),
                       "host_rss_added_gb": gb(r["host_rss_added"]), "p50_s": round(r["latency"]["p50"], 4)})
     return table
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="measure one placement in this process; prints one JSON line")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantization", default="nf4")
-    parser.add_argument("--placement", required=True)
-    parser.add_argument("--calls", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--beside-vortex", action="store_true", help="the co-tenancy check (beside_vortex)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each load stage's device memory")
-    args = parser.parse_args()
-    if args.verbose:
-        import logging
-
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    measure = beside_vortex if args.beside_vortex else measure_placement
-    print(json.dumps(measure(args.model, args.device, args.quantization, args.placement, args.calls, seed=args.seed)))
-
-
-if __name__ == "__main__":
-    _main()

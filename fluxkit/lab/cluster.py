@@ -1,0 +1,166 @@
+"""Sweeps and validations on a Ray cluster: each variant (or placement) one Ray task on one GPU, or on CPUs.
+
+A task runs its work as the serial path does, in a fresh process of its own (`fluxkit.lab.fresh`) on the node Ray
+picked, so its memory, compile cache and stalls are its own and its time limit is the serial one. Ray restarts a
+task whose worker was lost (a node that died, a process killed) once; a variant that fails or runs out of time keeps
+its row with the reason, as in the serial sweep. Rows stream back as tasks finish. The driver receives each task's
+images (PNG bytes) and reports (a tar archive), so a node needs no file system in common with the driver, only the
+checkpoint at the same path (on shared storage, or built there with `fluxkit synth`).
+
+`address`: `local` starts a cluster of this machine's GPUs (or CPUs) in this process; `auto` joins the cluster
+running on this machine (`ray start --head`); any other value is a Ray address to join (`HOST:6379`,
+`ray://HOST:10001`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import socket
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..errors import FluxkitError, InputError, one_line
+
+log = logging.getLogger(__name__)
+
+RAY_EXTRA = "pip install 'fluxkit[ray]'"
+# Ray's object store holds only rows, images and reports here: a small one leaves the memory to the models.
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError(f"--ray needs Ray, which is not installed: {RAY_EXTRA}") from None
+    return ray
+
+
+def connect(address: str) -> bool:
+    """Join or start the cluster; True when it was started here (and is stopped by `disconnect`)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    if address == "local":
+        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        return True
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise InputError(f"--ray {address}: no Ray cluster to join there ({one_line(err)}); start one with "
+                         "`ray start --head`, or use --ray with no address for a local one") from None
+    return False
+
+
+def _resources(device: str) -> dict:
+    """What one task asks Ray for: a GPU where the work runs on one, else one CPU."""
+    return {"num_gpus": 1} if device != "cpu" and torch.cuda.is_available() else {"num_cpus": 1}
+
+
+def _where() -> dict:
+    ray = import_ray()
+    context = ray.get_runtime_context()
+    return {"node": socket.gethostname(), "node_id": context.get_node_id(), "gpu_ids": [str(g) for g in
+                                                                                        ray.get_gpu_ids()]}
+
+
+def _attempt(scratch: Path) -> int:
+    """This task's attempt on this node: Ray reruns a task whose worker was lost, in a new worker."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    marker = scratch / ".attempts"
+    attempt = int(marker.read_text()) + 1 if marker.is_file() else 1
+    marker.write_text(str(attempt))
+    return attempt
+
+
+def _variant_task(run_id: str, model: str, device: str, variant: dict, prompts: list[dict], iterations: int,
+                  timeout_s: float, threads: int) -> tuple[dict, dict[str, bytes]]:
+    """On a worker: one variant measured in a fresh process; its row (with where it ran) and its images."""
+    from .fresh import reason
+    from .sweep import Variant, measure_in_fresh_process, skipped_row
+
+    v = Variant(**variant)
+    scratch = Path(tempfile.gettempdir()) / f"fluxkit-ray-{run_id}" / v.name.replace("@", "_")
+    where = {**_where(), "attempt": _attempt(scratch)}
+    try:
+        row = measure_in_fresh_process(model, device, v, iterations, scratch, prompts, timeout_s, threads)
+    except (FluxkitError, RuntimeError) as err:
+        return {**skipped_row(v, reason(err)), "ran_on": where}, {}
+    images = {p.name: p.read_bytes() for p in scratch.glob("*.png")}
+    return {**row, "ran_on": where}, images
+
+
+def sweep_on_ray(address: str, model: str, device: str, variant_list: list, prompts: list[dict], iterations: int,
+                 image_dirs: dict, timeout_s: float, keep) -> list[dict]:
+    """Every variant as one Ray task; `keep(row)` as each finishes; the rows in `variant_list`'s order."""
+    from .sweep import skipped_row
+
+    ray = import_ray()
+    started = connect(address)
+    try:
+        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **_resources(device))(_variant_task)
+        run_id = uuid.uuid4().hex[:12]
+        pending = {task.remote(run_id, model, device, dataclasses.asdict(v), prompts, iterations, timeout_s,
+                               torch.get_num_threads()): v for v in variant_list}
+        rows = {}
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            v = pending.pop(done)
+            try:
+                row, images = ray.get(done)
+            except ray.exceptions.RayError as err:  # the worker was lost twice: the variant stays, with the reason
+                row, images = skipped_row(v, f"{type(err).__name__}: {one_line(err)[:500]}"), {}
+            if "skipped" not in row:
+                image_dirs[v].mkdir(parents=True, exist_ok=True)
+                for name, data in images.items():
+                    (image_dirs[v] / name).write_bytes(data)
+                row["images"] = image_dirs[v]
+            keep(row)
+            rows[v] = row
+        return [rows[v] for v in variant_list]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _validate_task(kwargs: dict) -> tuple[str, int, bytes, dict]:
+    """On a worker: one `fluxkit validate` run into a scratch folder; its report as a tar archive."""
+    from .validate import validate
+
+    out_root = Path(tempfile.mkdtemp(prefix="fluxkit-ray-validate-"))
+    out_dir, code = validate(**kwargs, out_root=out_root, progress=False)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(out_dir, arcname=out_dir.name)
+    return out_dir.name, code, archive.getvalue(), _where()
+
+
+def validate_on_ray(address: str, runs: list[dict], out_root: Path) -> list[tuple[Path, int]]:
+    """One `validate` per keyword set of `runs`, each a Ray task; each report unpacked into `out_root`, replacing an
+    earlier report of the same name as a whole."""
+    from .validate import _move_into_place
+
+    ray = import_ray()
+    started = connect(address)
+    try:
+        device = runs[0].get("device", "auto")
+        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **_resources(device))(_validate_task)
+        results = []
+        out_root.mkdir(parents=True, exist_ok=True)
+        for name, code, archive, where in ray.get([task.remote(kwargs) for kwargs in runs]):
+            unpacked = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))
+            with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+                tar.extractall(unpacked, filter="data")
+            _move_into_place(unpacked / name, out_root / name)
+            unpacked.rmdir()
+            log.info("report %s came from %s", name, where)
+            results.append((out_root / name, code))
+        return results
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,108 @@
+"""The sweep on a Ray cluster (`fluxkit sweep --ray`): a local cluster with two workers on this machine's CPUs runs
+the tiny checkpoint's sweep, each variant a task in a fresh process, with the serial sweep's rows."""
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fluxkit.lab.sweep import Variant, sweep, variants
+from helpers import run_main
+
+ray = pytest.importorskip("ray")
+
+TIMING = {"latency", "load_s", "load_stages_s", "weights_load_s", "compile_s", "gguf_write_s", "prequantized",
+          "ran_on"}
+PROMPTS = [{"name": "cat", "prompt": "a cat on a red roof", "seed": 3}]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster (two workers: this machine's two CPUs) for the module: each sweep joins it."""
+    from fluxkit.lab.cluster import connect
+
+    assert connect("local")
+    assert ray.cluster_resources().get("CPU", 0) >= 2
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from fluxkit.lab.metrics import load_clip
+
+    return load_clip("ViT-B-32", "openai")
+
+
+def _content(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
+def test_the_ray_sweep_gives_the_serial_rows(tiny_dir, cluster, clip, tmp_path):
+    chosen = variants(["nf4"], t5=(True,))
+    partial = tmp_path / "rows.jsonl"
+    on_ray = sweep(str(tiny_dir), "cpu", chosen, clip, iterations=1, prompts=PROMPTS, partial=partial, ray="auto")
+    serial = sweep(str(tiny_dir), "cpu", chosen, clip, iterations=1, prompts=PROMPTS)
+    assert [r["variant"] for r in on_ray["rows"]] == [v.name for v in chosen]
+    assert [_content(r) for r in on_ray["rows"]] == [_content(r) for r in serial["rows"]]
+    assert on_ray["rows"][1]["fidelity"] == serial["rows"][1]["fidelity"]  # the same images, bit for bit
+    where = on_ray["rows"][0]["ran_on"]
+    assert where["node"] and where["node_id"] and where["attempt"] == 1
+    assert len(partial.read_text().splitlines()) == 2  # each row as its task finished
+
+
+def test_variants_that_fail_or_run_out_of_time_keep_their_rows(tiny_dir, cluster, clip):
+    [raised] = sweep(str(tiny_dir), "cpu", [Variant("torchao-fp8dq", True, "resident")], clip, iterations=1,
+                     prompts=PROMPTS, ray="auto")["rows"]
+    assert "compute capability 8.9" in raised["skipped"] and "ran_on" in raised
+    [stalled] = sweep(str(tiny_dir), "cpu", [Variant("nf4", True, "resident")], clip, iterations=1, prompts=PROMPTS,
+                      variant_timeout_s=0.5, ray="auto")["rows"]
+    assert "did not finish within 0.5 s" in stalled["skipped"] and stalled["variant"] == "nf4@resident"
+
+
+def _fresh_processes() -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"fluxkit.lab.fresh" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_worker_lost_mid_variant_is_retried_once(tiny_dir, cluster, clip):
+    """The worker running a variant is killed while its measurement runs: Ray runs the task again on a new worker,
+    and the row is the retry's."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(sweep(
+        str(tiny_dir), "cpu", [Variant("nf4", True, "resident")], clip, iterations=2, prompts=PROMPTS, ray="auto")))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not _fresh_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [child] = _fresh_processes()
+    worker = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the child's parent
+    os.kill(worker, signal.SIGKILL)
+    thread.join(timeout=300)
+    [row] = result["rows"]
+    assert "skipped" not in row, row
+    assert row["ran_on"]["attempt"] == 2 and row["latency"]["n"] == 2
+
+
+def test_without_ray_the_extra_is_named(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    code, _, err = run_main("sweep", "--device", "cpu", "--ray", "--out", str(tmp_path / "out"))
+    assert code == 2 and err.strip() == ("fluxkit: error: --ray needs Ray, which is not installed: pip install "
+                                         "'fluxkit[ray]'")
