@@ -9,8 +9,8 @@
 #   restart          RESTART_RUNS (8) fresh processes to their first image under the default placement, with only
 #                    fluxkit's dependency closure importable, from the checkpoint and (RESTART_PREQUANTIZED=1) from a
 #                    pre-quantized folder in turn; per-stage seconds from `fluxkit -v`
-#   standin          `fluxkit bench` under vortex on the whole card, then on each of STANDIN_SMS ("66 33 16 8") SMs
-#                    (BENCH_ITERATIONS calls each)
+#   standin          `fluxkit bench` under vortex on each of STANDIN_SMS ("8 all 16 33 66"; all: the whole card)
+#                    SMs (BENCH_ITERATIONS calls each, plain series)
 #   standin-cotenancy  Vortex's co-tenancy check on STANDIN_COTENANCY_SMS (8) SMs: 100 calls beside the ballast
 #   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then the same sweep serially
 #   FILE.py          python3 FILE.py
@@ -20,6 +20,8 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 JUPYTER_PATH="$site/share/jupyter${JU
 # This host sets PYTHONDONTWRITEBYTECODE=1 and its torch has no .pyc files: each process would compile ~4800 source
 # files again (7-8 s of a restart). pip installs keep bytecode; so do these runs, outside the read-only tree.
 unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
+# One compile cache for every process of the run (the library's and the CLI's): only the first load compiles cold.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fluxkit-inductor}
 OUT=${OUT:-/tmp/fluxkit-out}; LOGS=$OUT/logs; mkdir -p "$LOGS"
 CKPT=${CKPT:-/dev/shm/flux-synthetic-full}
 fluxkit() { python3 -m fluxkit.cli "$@"; }
@@ -53,9 +55,9 @@ for step in "$@"; do
         done
       done ;;
     standin)
-      fluxkit bench --model "$CKPT" --device cuda --placement vortex --iterations ${BENCH_ITERATIONS:-20} --json "$LOGS/bench_sms_all.json"
-      for n in ${STANDIN_SMS:-66 33 16 8}; do
-        fluxkit bench --model "$CKPT" --device cuda --placement vortex --iterations ${BENCH_ITERATIONS:-20} --sms $n --json "$LOGS/bench_sms_$n.json"
+      for n in ${STANDIN_SMS:-8 all 16 33 66}; do  # the whole card without a green context
+        fluxkit bench --model "$CKPT" --device cuda --placement vortex --iterations ${BENCH_ITERATIONS:-15} --no-true-cfg \
+          $([ $n = all ] || echo --sms $n) --json "$LOGS/bench_sms_$n.json"
       done ;;
     standin-cotenancy)
       python3 -c "import json, sys; from fluxkit.lab.profiling import cotenancy

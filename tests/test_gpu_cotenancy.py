@@ -23,8 +23,7 @@ def test_resident_placement_is_refused_beside_the_rest_of_vortex(full_dir):
     assert row["left_allocated_bytes"] == 0  # refused before anything was loaded
 
 
-@pytest.mark.parametrize("placement", ["auto", "vortex"])
-def test_vortex_placement_runs_beside_the_rest_of_vortex(full_dir, placement):
+def test_vortex_placement_runs_beside_the_rest_of_vortex(full_dir, placement="auto"):
     """The host's way: its own cap and one peak reading across the load and 100 calls; the default placement (auto)
     picks vortex there."""
     budgets = load_preset("nf4").budgets

@@ -23,9 +23,10 @@ def bench(args: argparse.Namespace) -> int:
         piece = standin.open_slice(args.sms, "cuda" if args.device == "auto" else args.device)
     with _on(piece):  # the load too: the caching allocator keeps its blocks per stream
         model = load(args)
-        result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed)
+        result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed,
+                               negative_prompt=None if args.no_true_cfg else "blurry, low quality")
     print(weights_statement(model.info()))
-    for series in ("plain", "true_cfg"):
+    for series in ("plain",) if args.no_true_cfg else ("plain", "true_cfg"):
         s = result[series]["summary"]["total"]
         print(f"{series:>9}: p50 {s['p50']:.4f} s  p90 {s['p90']:.4f}  p99 {s['p99']:.4f}  p99.9 {s['p99_9']:.4f}  "
               f"mean {s['mean']:.4f}  std {s['std']:.4f}  outliers {len(s['outliers'])}/{s['n']}  "
@@ -184,6 +185,8 @@ def register(sub) -> None:
                         "one process; with --baseline, beside the plain pattern and bf16")
     p.add_argument("--rounds", type=int_in(1, 1000), default=10, help="with --baseline or --levers: interleaved "
                                                                         "rounds")
+    p.add_argument("--no-true-cfg", action="store_true", help="time only the plain series (no negative prompt through "
+                                                              "true CFG, which runs the transformer twice a step)")
     p.add_argument("--sms", type=int_in(1, 100_000), default=None, metavar="N",
                    help="run every GPU phase on N SMs of the GPU (a CUDA green context): a smaller card's stand-in; "
                         "records the peaks the slice reached and what they say of an RTX 3060")
