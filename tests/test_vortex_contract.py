@@ -111,6 +111,7 @@ def test_case_3_vram_budget_compliance(hf_cache):
     assert set(layers) == ({"transformer"} if out["placement"] == "vortex" else {"transformer", "text_encoder_2"})
     assert all(set(c) == {"bitsandbytes.nn.Linear4bit"} for c in layers.values())
     assert 0 < out["count"] <= sum(n for c in layers.values() for n in c.values())  # parked ones are no module
+    print(f"\ncase 3: {out['placement']}, allocated after loading {out['allocated']} bytes, layers {layers}")
     if CUDA:
         assert out["placement"] == "vortex"  # the default picks what fits Vortex's 6 GB share
         assert 5.5 * GB <= out["allocated"] <= 6.5 * GB, out["allocated"] / GB
@@ -179,5 +180,7 @@ def test_vram_is_stable_across_100_generations_beside_the_rest_of_vortex(vortex,
         vortex.generate(prompt=f"{PROMPT}, take {i}", num_inference_steps=4, guidance_scale=0.0, output=actor_buffer,
                         seed=i)
     torch.cuda.synchronize()
+    print(f"\n100 calls: drift {(torch.cuda.memory_allocated() - start) / 1e6:.2f} MB, the host's peak reserved "
+          f"{torch.cuda.max_memory_reserved() / GB:.3f} GB, allocated {torch.cuda.max_memory_allocated() / GB:.3f} GB")
     assert abs(torch.cuda.memory_allocated() - start) < 50 * 10**6
     assert torch.cuda.max_memory_reserved() <= 11.8 * GB

@@ -226,16 +226,18 @@ def setup_from_bench(bench: dict, where: str) -> tuple:
 
 
 def estimate_from_bench(bench: dict, meta: dict, preset: Preset, placement: PlacementSpec, plan: Plan,
-                        targets: list[str] | dict[str, GpuSpec], source: GpuSpec | None = None) -> dict:
+                        targets: list[str] | dict[str, GpuSpec], source: GpuSpec | None = None,
+                        work: dict[str, Work] | None = None) -> dict:
     """Project a `run_benchmark` result (its plain series: per-phase medians) to `targets` (keys of gpus.yaml, or
     specs by name). `source`: the peaks to scale from; by default the measured ones of an SM slice (a stand-in),
-    else the card's published figures, as the targets' are."""
+    else the card's published figures, as the targets' are. `work`: `phase_work`'s result, where the caller has it
+    (counting FLOPs on the full-size model takes seconds)."""
     if not bench.get("kernels"):
         raise InputError("this benchmark has no GPU kernel times (made on a CPU, or by a fluxkit before projections "
                          "split them): run `fluxkit bench --json` again on the GPU to project from")
     summary = bench["plain"]["summary"]
     measured = {p: summary[p]["p50"] for p in PHASES}
-    work = phase_work(meta, preset, placement, plan, preset.generation)
+    work = work or phase_work(meta, preset, placement, plan, preset.generation)
     if source is None:
         source = measured_spec(bench) if bench.get("stand_in") else gpu(gpu_of(bench["model"]["device_name"]))
     specs = targets if isinstance(targets, dict) else {key: gpu(key) for key in targets}

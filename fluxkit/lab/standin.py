@@ -14,7 +14,7 @@ split's granularity on an H200 is 8 SMs (asking for 2 or 4 gives 8).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,7 +53,9 @@ class SMSlice:
     stream: object = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("context", "stream")}
+        """What a report keeps (the context and its stream are live CUDA objects: never copied)."""
+        return {"sms": self.sms, "device_name": self.device_name, "total_sms": self.total_sms,
+                "peaks": dict(self.peaks)}
 
 
 def open_slice(sms: int, device: torch.device | str = "cuda") -> SMSlice:
@@ -146,3 +148,90 @@ def record(piece: SMSlice, bench: dict, model) -> dict:
                          for phase, row in estimate["phases"].items()}} if estimate["applicable"] else
            {"reason": estimate["reason"]})}
     return bench["stand_in"]
+
+
+# ---- what a stand-in run says: the estimator checked across slices, and the RTX 3060 from the 8-SM slice ------
+
+
+def analyse(data: dict) -> dict:
+    """What a stand-in run (`data`: the whole card's bench, the slices' P50 and P99, their peaks) says: the
+    estimator checked against every slice (`check`), and the RTX 3060 from the 8-SM slice (`rtx3060`)."""
+    from .estimate import phase_work, setup_from_bench
+
+    bench = data["full_card_bench"]
+    meta, preset, placement, plan = setup_from_bench(bench, "the stand-in's whole-card bench")
+    work = phase_work(meta, preset, placement, plan, preset.generation)  # FLOPs of the full model: counted once
+    setup = (bench, meta, preset, placement, plan, work)
+    check = estimator_check(data, setup)
+    return {"check": check, "rtx3060": rtx3060(data, check, setup)}
+
+
+def estimator_check(data: dict, setup: tuple) -> list[dict]:
+    """The whole-card bench projected to each slice of `data["slices"]`, with the slice's peaks (as fractions of the
+    whole card's, measured the same way) as the target's, against what the slice measured: P50 and P99 end to
+    end."""
+    from .estimate import GpuSpec, estimate_from_bench, measured_spec
+
+    bench, meta, preset, placement, plan, work = setup
+    source = measured_spec(bench)
+    whole = data["slice_peaks"]["whole_card"]
+    rows = []
+    for measured in sorted(data["slices"], key=lambda s: -s["sms"]):
+        peaks = data["slice_peaks"]["by_sms"][str(measured["sms"])]
+        target = GpuSpec(f"{measured['sms']} SMs", "", source.bf16_tflops * peaks["bf16_tflops"] / whole["bf16_tflops"],
+                         source.memory_gbps * peaks["copy_gbps"] / whole["copy_gbps"], source.pcie_gbps)
+        estimate = estimate_from_bench(bench, meta, preset, placement, plan, {"slice": target}, source, work)
+        p50, p99 = estimate["projected_p50_s"]["slice"], estimate["projected_p99_s"]["slice"]
+        rows.append({"sms": measured["sms"], "measured_p50_s": measured["p50_s"], "projected_p50_s": p50,
+                     "p50_error": p50 / measured["p50_s"] - 1, "measured_p99_s": measured["p99_s"],
+                     "projected_p99_s": p99, "p99_error": p99 / measured["p99_s"] - 1,
+                     "usable": abs(p50 / measured["p50_s"] - 1) <= 0.15,
+                     "projected_phases_s": {p: r["projected_s"]["slice"] for p, r in estimate["phases"].items()}})
+    return rows
+
+
+def rtx3060(data: dict, check: list[dict], setup: tuple, sms: int = 8) -> dict:
+    """The RTX 3060 from the `sms`-SM slice: the slice's measured P50 scaled phase by phase by the ratio of its peaks
+    to the 3060's published ones, the host link by the H200's to PCIe 4.0 or 3.0 x16; the P99 adds the slice's
+    measured P99 - P50. The spread runs from a 3060 that reaches its published peaks to one that reaches the same
+    fraction of them as the H200 reaches of its own, widened by the estimator's error across the slices."""
+    from .estimate import GpuSpec, estimate_from_bench, gpu, gpu_of, measured_spec
+
+    bench, meta, preset, placement, plan, work = setup
+    measured_peaks, published = measured_spec(bench), gpu(gpu_of(bench["model"]["device_name"]))
+    by_sms = {row["sms"]: row for row in check}
+    errors = [row["p50_error"] for row in check]
+    [measured] = [s for s in data["slices"] if s["sms"] == sms]
+    calibration = measured["p50_s"] / by_sms[sms]["projected_p50_s"]  # the slice as measured, not as projected
+    tail = measured["p99_s"] - measured["p50_s"]
+    out = {"label": LABEL, "from_sms": sms, "measured_p50_s": measured["p50_s"], "measured_p99_s": measured["p99_s"],
+           "estimator_error_range": [min(errors), max(errors)]}
+    for key, link in RTX3060.items():
+        card = gpu(key)
+        # the same fraction of its peaks as the H200 reached of its own: the pessimistic end
+        fraction = GpuSpec(card.name, "", card.bf16_tflops * measured_peaks.bf16_tflops / published.bf16_tflops,
+                           card.memory_gbps * measured_peaks.memory_gbps / published.memory_gbps, card.pcie_gbps)
+        estimate = estimate_from_bench(bench, meta, preset, placement, plan, {"peak": card, "as_h200": fraction},
+                                       measured_peaks, work)
+        p50 = estimate["projected_p50_s"]["peak"] * calibration
+        worst = estimate["projected_p50_s"]["as_h200"] * calibration
+        out[link] = {"p50_s": p50, "p99_s": p50 + tail,
+                     "p99_spread_s": [(p50 + tail) * (1 + min(min(errors), 0)),
+                                      (worst + tail) * (1 + max(max(errors), 0))]}
+    return out
+
+
+def markdown(analysis: dict) -> str:
+    """The stand-in report's tables, from `analyse`."""
+    lines = ["| SMs | measured P50 s | projected P50 s | error | measured P99 s | projected P99 s | error |",
+             "|---|---|---|---|---|---|---|"]
+    for row in analysis["check"]:
+        lines.append(f"| {row['sms']} | {row['measured_p50_s']:.3f} | {row['projected_p50_s']:.3f} | "
+                     f"{row['p50_error']:+.1%} | {row['measured_p99_s']:.3f} | {row['projected_p99_s']:.3f} | "
+                     f"{row['p99_error']:+.1%} |")
+    card = analysis["rtx3060"]
+    lines += ["", f"{card['label']}.", "", "| host link | 3060 P50 s | 3060 P99 s | P99 spread s |", "|---|---|---|---|"]
+    for link in RTX3060.values():
+        low, high = card[link]["p99_spread_s"]
+        lines.append(f"| {link} | {card[link]['p50_s']:.2f} | {card[link]['p99_s']:.2f} | {low:.2f}-{high:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,112 @@
+"""The SM-slice stand-in (`fluxkit bench --sms`, fluxkit/lab/standin.py) on the CPU: its checks and refusals, the
+projection's arithmetic with a slice as the target, and the report and plot of the committed stand-in run."""
+import json
+from pathlib import Path
+
+import pytest
+from test_estimate import _bench
+
+from fluxkit.lab import plots, standin
+from fluxkit.lab.estimate import cross_check, estimate_from_bench, measured_spec
+from fluxkit.lab.report import STAND_IN_PASS, evaluate_budgets
+from helpers import run_main
+
+RUN = Path(__file__).resolve().parents[1] / "reports" / "H200-2026-12-04-runs" / "standin.json"
+
+
+@pytest.mark.parametrize("sms,match", [(True, "sms must be an int"), ("8", "sms must be an int"),
+                                       (8, "needs a CUDA GPU")])
+def test_a_slice_is_refused_with_the_reason(sms, match):
+    assert match in standin.refused(sms, "cpu")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["bench", "--sms", "8", "--device", "cpu"], "--sms: an SM slice confines CUDA work: it needs a CUDA GPU"),
+    (["bench", "--sms", "0"], "argument --sms: 0 is outside"),
+    (["bench", "--sms", "8", "--levers", "eager"], "--sms times one configuration"),
+    (["validate", "--sms", "8", "--device", "cpu"], "sms: an SM slice confines CUDA work"),
+])
+def test_the_cli_refuses_a_slice_before_any_load(args, match):
+    code, _, err = run_main(*args)
+    assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_a_slice_s_record_holds_no_live_cuda_object():
+    """The context and its stream are live CUDA objects: a report that copied them failed to be written (H200)."""
+    piece = standin.SMSlice(8, "NVIDIA H200", 132, {"bf16_tflops": 52.0, "copy_gbps": 648.0}, context=object(),
+                            stream=object())
+    assert json.loads(json.dumps(piece.to_dict())) == {"sms": 8, "device_name": "NVIDIA H200", "total_sms": 132,
+                                                      "peaks": {"bf16_tflops": 52.0, "copy_gbps": 648.0}}
+
+
+def test_projection_to_a_slice_scales_by_the_measured_peaks(tiny_dir):
+    """Both runs measured their peaks: the projection scales each class of kernel time by their ratio (compute by
+    the product's rate, the rest by the copy's), and keeps the host link and the waits."""
+    from fluxkit import load_placement, load_preset
+    from fluxkit.checkpoint import meta_components
+    from fluxkit.plan import plan_placement
+
+    phases = {"text_encode": 0.2, "denoise": 0.3, "decode": 0.05, "copy": 0.002}
+    whole = {**_bench("NVIDIA H200", phases, tiny_dir), "peaks": {"bf16_tflops": 720.0, "copy_gbps": 4100.0}}
+    sliced = {**_bench("NVIDIA H200", {p: 2 * v for p, v in phases.items()}, tiny_dir),
+              "peaks": {"bf16_tflops": 72.0, "copy_gbps": 820.0},
+              "stand_in": {"sms": 8, "total_sms": 132, "device_name": "NVIDIA H200", "peaks": {}}}
+    spec = measured_spec(sliced)
+    assert (spec.name, spec.bf16_tflops, spec.memory_gbps) == ("NVIDIA H200, 8 of 132 SMs", 72.0, 820.0)
+    meta, preset, placement = meta_components(tiny_dir), load_preset("nf4"), load_placement("vortex")
+    plan = plan_placement(meta, preset, placement)
+    check = cross_check(whole, sliced, meta, preset, placement, plan)
+    # denoise: compute 0.15 s x 10, memory 0.075 s x 5, the wait (0.3 - 0.225) kept: 1.5 + 0.375 + 0.075
+    assert check["projected_s"]["denoise"] == pytest.approx(1.95)
+    assert check["target"] == "NVIDIA H200, 8 of 132 SMs" and check["error_by_phase"]["denoise"] == pytest.approx(
+        1.95 / 0.6 - 1)
+    # a stand-in run projects from its own measured peaks: to the 3060, compute x 72 / 25.5, memory x 820 / 360
+    card = estimate_from_bench(sliced, meta, preset, placement, plan, ["rtx3060"])
+    assert card["source_peaks"]["bf16_tflops"] == 72.0
+    assert card["phases"]["denoise"]["projected_s"]["rtx3060"] == pytest.approx(0.3 * 72 / 25.5 + 0.15 * 820 / 360
+                                                                                + 0.15)
+
+
+@pytest.fixture(scope="module")
+def run():
+    return json.loads(RUN.read_text())
+
+
+@pytest.fixture(scope="module")
+def analysis(run):
+    return standin.analyse(run)
+
+
+def test_the_estimator_holds_across_a_16x_range_of_compute(analysis):
+    rows = analysis["check"]
+    assert [r["sms"] for r in rows] == [66, 33, 16, 8]
+    assert all(r["usable"] for r in rows), [round(r["p50_error"], 3) for r in rows]  # within 15% end to end
+
+
+def test_the_3060_from_the_8_sm_slice_and_its_report(run, analysis, tmp_path):
+    card = analysis["rtx3060"]
+    assert card["from_sms"] == 8 and "not a measurement of an RTX 3060" in card["label"]
+    for link in ("PCIe 4.0 x16", "PCIe 3.0 x16"):
+        low, high = card[link]["p99_spread_s"]
+        assert low <= card[link]["p99_s"] <= high < 12.0  # the task's P99, with the spread
+    assert card["PCIe 3.0 x16"]["p50_s"] > card["PCIe 4.0 x16"]["p50_s"]  # T5 streams over the slower link
+    text = standin.markdown(analysis)
+    assert "| 8 | 2.445 |" in text and "PCIe 3.0 x16" in text
+    plots.standin(run, analysis, tmp_path)
+    assert (tmp_path / "standin.png").stat().st_size > 10_000
+
+
+def test_validate_judges_the_stand_in_on_its_own_line(run):
+    from fluxkit import load_preset
+
+    bench = run["full_card_bench"]
+    stand_in = {"sms": 8, "total_sms": 132, "device_name": "NVIDIA H200", "peaks": {"bf16_tflops": 52.0,
+                                                                                   "copy_gbps": 648.0},
+                "rtx3060": {"applicable": True, "label": standin.LABEL,
+                            "p99_s": {"PCIe 4.0 x16": 4.8, "PCIe 3.0 x16": 5.1}}}
+    metrics = {"model": bench["model"]["model"], "device_name": "NVIDIA H200", "placement": bench["model"]["placement"],
+               "latency": {**bench, "stand_in": stand_in}}
+    verdicts = {v["name"]: v for v in evaluate_budgets(metrics, load_preset("nf4"))}
+    assert verdicts["p99_latency"]["status"] == "not applicable"  # no RTX 3060 was measured
+    line = verdicts["p99_latency_stand_in"]
+    assert line["status"] == STAND_IN_PASS and line["value"] == 5.1 and "not a measurement" in line["note"]
