@@ -1,30 +1,36 @@
-# Two entry points for a fresh machine; each bootstraps .venv on first use.
-#   make validate   the main job (see README)
-#   make test       the test suite (CI runs this)
+# Two entry points for a fresh machine; each bootstraps .venv with what its target needs on first use.
+#   make validate   the main job (see README): the runtime and the lab
+#   make test       the test suite (CI runs this): every extra, the test tools
 #   make lab        JupyterLab on notebooks/ with the fluxkit kernel
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.fluxkit-installed
 export HF_HUB_OFFLINE := 1
 
 .PHONY: validate test lab clean
 
-$(STAMP): pyproject.toml
+$(VENV)/.torch:
 	python3 -m venv $(VENV)
 	# torch first, pinned: an unpinned resolve would fetch a multi-GB CUDA build from PyPI
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.lab: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e '.[lab]'
 	$(PY) -m ipykernel install --prefix $(VENV) --name fluxkit --display-name "fluxkit" >/dev/null
 	touch $@
 
-validate: $(STAMP)
+$(VENV)/.test: $(VENV)/.lab pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+validate: $(VENV)/.lab
 	$(VENV)/bin/fluxkit validate
 
-test: $(STAMP)
+test: $(VENV)/.test
 	$(VENV)/bin/pytest
 
 # JupyterLab on the notebooks, with the `fluxkit` kernel registered for this environment
-lab: $(STAMP)
+lab: $(VENV)/.lab
 	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 clean:

@@ -2,8 +2,8 @@
 
 Above a few hundred tokens bitsandbytes computes a 4-bit linear by dequantizing the weight to bf16 and calling
 cuBLAS (its own Hopper calibration; FLUX's products are compute-bound at 1024-1280 tokens). Its dequantization moves
-1.5-2.0 TB/s on an H200 where a copy moves 4-5.5, and that is most of NF4's gap to bf16 (run 23). This kernel decodes
-the same values bit for bit, nested scales included, in one pass: 3.1-3.6 TB/s on the same card (run 27), which took
+1.5-2.0 TB/s on an H200 where a copy moves 4-5.5, and that is most of NF4's gap to bf16. This kernel decodes
+the same values bit for bit, nested scales included, in one pass: 3.1-3.6 TB/s on the same card, which took
 resident NF4 from 1.29x to 1.14x bf16's call (H200, full-size synthetic checkpoint). Products of a few tokens stay
 with bitsandbytes, whose kernels read the 4-bit weight directly.
 """
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 # Quantization blocks per program and its warps: 2048 bytes of packed weights at bitsandbytes' default block size of
-# 64, 32 bytes per thread (the fastest of 512-8192 bytes and 1-16 warps on an H200, run 27).
+# 64, 32 bytes per thread (the fastest of 512-8192 bytes and 1-16 warps on an H200).
 BLOCKS_PER_PROGRAM = 64
 WARPS = 2
 # Products of fewer tokens than this keep bitsandbytes' kernels (FLUX's modulation layers act on one vector).
@@ -47,7 +47,7 @@ def _dequantize_4bit_kernel(packed, absmax, code, absmax_code, absmax_scale, abs
     low = tl.load(code + (byte & 15).to(tl.int32)) * scale[:, None]
     if ROUND_BY_HAND:
         high, low = _bf16_by_hand(high), _bf16_by_hand(low)
-    else:  # the card's own conversion, 5-10% faster than by hand (run 27)
+    else:  # the card's own conversion, 5-10% faster than by hand (H200)
         high, low = high.to(tl.bfloat16), low.to(tl.bfloat16)
     weights = tl.reshape(tl.join(high, low), (ROWS, 2 * HALF_BLOCK))  # interleaved: high, low, high, low...
     tl.store(out + rows[:, None] * (2 * HALF_BLOCK) + tl.arange(0, 2 * HALF_BLOCK)[None, :], weights,

@@ -201,10 +201,15 @@ def side_by_side(result: dict, out_dir=None):
     return _save(fig, out_dir, "latency_side_by_side")
 
 
+def _sweep_figure(result: dict, size: tuple[float, float]):
+    """The rows of a sweep that ran, and a figure for them."""
+    fig, ax = plt.subplots(figsize=size)
+    return [r for r in result["rows"] if "skipped" not in r], fig, ax
+
+
 def sweep_pareto(result: dict, out_dir=None):
     """GPU memory against P50 latency for every variant, coloured by PSNR to bf16; the Pareto front joined."""
-    rows = [r for r in result["rows"] if "skipped" not in r]
-    fig, ax = plt.subplots(figsize=(9, 5))
+    rows, fig, ax = _sweep_figure(result, (9, 5))
     if not rows:
         return _instead(fig, ax, "no variant ran", out_dir, "sweep_pareto")
     memory = np.array([(r["peak_reserved_bytes"] or r["planned_resident_bytes"]) / GB for r in rows])
@@ -226,8 +231,7 @@ def sweep_pareto(result: dict, out_dir=None):
 
 def sweep_weights(result: dict, out_dir=None):
     """Weight GB per component of every variant, stacked."""
-    rows = [r for r in result["rows"] if "skipped" not in r]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    rows, fig, ax = _sweep_figure(result, (9, 4))
     if not rows:
         return _instead(fig, ax, "no variant ran", out_dir, "sweep_weights")
     names = [r["variant"] for r in rows]

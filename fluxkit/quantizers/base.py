@@ -57,6 +57,7 @@ class Quantizer:
     compile_refused: str | None = None  # why torch.compile(fullgraph=True) cannot wrap its layers
     graphs_refused_by_type: dict[str | None, str] = {}  # quant_type (None: all) -> why a CUDA graph cannot replay it
     streams_modulation = True  # whether `modulation: fit` can park its layers in host memory one at a time
+    package: str | None = None  # the package it needs beyond fluxkit's own dependencies, and the extra that has it
 
     # ---- what a preset may ask ---------------------------------------------------------------------------
 
@@ -83,6 +84,8 @@ class Quantizer:
         if placement.modulation == "fit" and not self.streams_modulation:
             return (f"placement {placement.name} streams modulation layers one at a time, which fluxkit does for "
                     f"bitsandbytes and torchao layers only; {self.label} loads the transformer whole")
+        if self.package and not installed(self.package):
+            return f"the {self.package} package is not installed: pip install 'fluxkit[{self.package}]'"
         return None
 
     # ---- what the planner counts -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..cache import cache_root, derived
-from .base import Quantizer, converted, installed, keep_in_fp32
+from .base import Quantizer, converted, keep_in_fp32
 
 GGUF_BLOCK = 32  # weights per Q8_0 / Q4_0 block: a float16 scale and 32 8-bit or 4-bit values
 GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
@@ -23,6 +23,7 @@ class GGUF(Quantizer):
     quant_types = ("q8_0", "q4_0")
     components = ("transformer",)
     streams_modulation = False
+    package = "gguf"
     graphs_refused_by_type = {
         "q4_0": "GGUF q4_0: diffusers builds its shift table on the host at every dequantization (torch.tensor), a "
                 "copy from pageable memory that a capture refuses"}
@@ -32,14 +33,6 @@ class GGUF(Quantizer):
 
     def linear_bytes(self, numel, out_features, spec):
         return [numel // GGUF_BLOCK * GGUF_BLOCK_BYTES[spec.quant_type]]  # blocks of scale and values, one tensor
-
-    def unsupported(self, spec, device, placement):
-        reason = super().unsupported(spec, device, placement)
-        if reason:
-            return reason
-        if not installed("gguf"):
-            return "the gguf package is not installed: pip install 'fluxkit[gguf]'"
-        return None
 
     def load_transformer(self, folder, spec, dtype, device, streamed, pin):
         from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig

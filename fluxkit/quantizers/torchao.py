@@ -19,6 +19,7 @@ class TorchAO(Quantizer):
     name = "torchao"
     label = "torchao"
     quant_types = ("int8_weight_only", "float8_weight_only", "float8_dynamic", "int4_weight_only")
+    package = "torchao"
 
     def linear_bytes(self, numel, out_features, spec):
         if spec.quant_type == "int8_weight_only":
@@ -30,12 +31,8 @@ class TorchAO(Quantizer):
 
     def unsupported(self, spec, device, placement):
         reason = super().unsupported(spec, device, placement)
-        if reason:
+        if reason or device is None:
             return reason
-        if not installed("torchao"):
-            return "torchao is not installed: pip install 'fluxkit[torchao]'"
-        if device is None:
-            return None
         if spec.quant_type == "float8_dynamic" and (device.type != "cuda"
                                                     or torch.cuda.get_device_capability(device) < (8, 9)):
             return "float8 matmuls need a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper)"
