@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine; each bootstraps .venv with what its target needs on first use.
 #   make validate   the main job (see README): the runtime and the lab
-#   make test       the test suite (CI runs this): every extra, the test tools
+#   make test       lint and the test suite (CI runs this): every extra, the test tools
 #   make lab        JupyterLab on notebooks/ with the fluxkit kernel
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,6 +27,7 @@ validate: $(VENV)/.lab
 	$(VENV)/bin/fluxkit validate
 
 test: $(VENV)/.test
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
 # JupyterLab on the notebooks, with the `fluxkit` kernel registered for this environment

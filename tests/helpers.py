@@ -119,9 +119,15 @@ def closure_site():
 
 
 def build_wheel(out: Path) -> Path:
-    """The fluxkit wheel, built from this checkout as `pip wheel` builds it for an install."""
+    """The fluxkit wheel, built as `pip wheel` builds it for an install, from a copy of what it packs (two builds in
+    one source tree would share its build folder)."""
+    source = out / "source"
+    for name in ("fluxkit", "notebooks", "reference_images"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+                    str(source)], check=True, capture_output=True, text=True, timeout=600)
     [wheel] = out.glob("fluxkit-*.whl")
     return wheel
 

@@ -1,11 +1,14 @@
 """`fluxkit validate` end to end on the tiny synthetic checkpoint (CPU), run from an installed wheel outside the
 checkout; and what it does when things go wrong: an interrupted run, a resume that must prove what it keeps, a
 failing notebook, a rerun that replaces a report as a whole, an altered reference."""
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,26 +26,48 @@ def _flip(png):
     Image.open(png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(png)
 
 
+VALIDATE = ["--device", "cpu", "--iterations", "3", "--drift-calls", "2", "--clip-model", "ViT-B-32",
+            "--sweep-presets", "nf4", "--name", "tiny"]
+
+
 @pytest.fixture(scope="module")
-def report(tiny_dir, tmp_path_factory):
-    """`fluxkit validate` as a user runs it after `pip install 'fluxkit[lab]'`: the wheel in a fresh environment,
-    from a folder outside the checkout."""
+def installed(tiny_dir, tmp_path_factory):
+    """`pip install 'fluxkit[lab]'`: the wheel in a fresh environment, run from a folder outside the checkout."""
     work = tmp_path_factory.mktemp("installed")
     python = fresh_environment(work / "env", build_wheel(work / "wheel"), extras=("lab",))
     env = {"PATH": f"{python.parent}:/usr/bin:/bin", "HOME": str(work), "FLUXKIT_CACHE": os.environ["FLUXKIT_CACHE"],
            # nbconvert's HTML templates are data files of the lab's packages, beside (not in) their Python code
            "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")}
-    run = subprocess.run([str(python), "-m", "fluxkit.cli", "validate", "--model", str(tiny_dir), "--device", "cpu",
-                          "--iterations", "3", "--drift-calls", "2", "--clip-model", "ViT-B-32", "--sweep-presets",
-                          "nf4", "--name", "tiny", "--out-root", str(work / "reports")], capture_output=True,
-                         text=True, cwd=work, env=env, timeout=900)
-    return work / "reports" / "tiny", run
+    return python, work, env
+
+
+@pytest.fixture(scope="module")
+def report(installed, tiny_dir):
+    """`fluxkit validate` as a user runs it from the installed wheel, interrupted (Ctrl-C) while its second notebook
+    runs, then `--resume`d: the resumed report is the end-to-end run the other tests read. The interrupted folder is
+    kept for the resume's checks."""
+    python, work, env = installed
+    command = [str(python), "-m", "fluxkit.cli", "validate", "--model", str(tiny_dir), *VALIDATE, "--out-root",
+               str(work / "reports")]
+    started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work, env=env)
+    incomplete = work / "reports" / ".tiny.incomplete"
+    while started.poll() is None and not (incomplete / "02_latency.ipynb").exists():
+        time.sleep(0.2)
+    started.send_signal(signal.SIGINT)
+    _, interrupted_err = started.communicate(timeout=300)
+    kept = work / "interrupted"
+    shutil.copytree(incomplete, kept)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=work, env=env, timeout=900)
+    return work / "reports" / "tiny", resumed, kept, started.returncode, interrupted_err
 
 
 def test_an_installed_wheel_validates_to_a_pass(report):
-    out_dir, run = report
+    out_dir, run, kept, interrupted_code, interrupted_err = report
+    assert interrupted_code == 130 and "--resume" in interrupted_err  # Ctrl-C: the run says how to go on
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Overall: **pass**" in run.stdout
+    # the notebook that finished before Ctrl-C is the one in the report, not a rerun
+    assert (out_dir / "01_vram_profile.ipynb").read_bytes() == (kept / "01_vram_profile.ipynb").read_bytes()
     for nb in validate_module.NOTEBOOKS:
         assert (out_dir / f"{nb}.ipynb").is_file() and (out_dir / f"{nb}.html").is_file()
         executed = json.loads((out_dir / f"{nb}.ipynb").read_text())
@@ -56,7 +81,7 @@ def test_an_installed_wheel_validates_to_a_pass(report):
 
 
 def test_metrics_follow_the_schema_and_say_synthetic(report):
-    out_dir, _ = report
+    out_dir = report[0]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     validate_metrics(metrics)
     assert metrics["is_synthetic"] and "SYNTHETIC" in metrics["weights_statement"]
@@ -106,12 +131,16 @@ def test_a_model_without_references_is_refused_before_any_notebook_runs(tmp_path
 
 def _forged(work: Path, tmp_path: Path, name: str, change) -> Path:
     """A copy of an interrupted run's folder with `change(folder, run)` applied to it and its run.json."""
-    folder = tmp_path / name / ".same.incomplete"
+    folder = tmp_path / name / ".tiny.incomplete"
     shutil.copytree(work, folder)
     run = json.loads((folder / validate_module.RUN_FILE).read_text())
     change(folder, run)
     (folder / validate_module.RUN_FILE).write_text(json.dumps(run))
     return folder
+
+
+def _untouched(folder, run):
+    pass
 
 
 def _all_ok_without_files(folder, run):
@@ -130,67 +159,69 @@ def _edited_section(folder, run):
 
 def _rehashed_blank_notebook(folder, run):
     _blank_notebook(folder, run)
-    run["notebooks"]["01_vram_profile"]["files"]["01_vram_profile.ipynb"] = validate_module._sha256(
-        folder / "01_vram_profile.ipynb")
+    run["notebooks"]["01_vram_profile"]["files"]["01_vram_profile.ipynb"] = hashlib.sha256(
+        (folder / "01_vram_profile.ipynb").read_bytes()).hexdigest()
 
 
 def _other_fingerprint(folder, run):
     run["notebooks"]["01_vram_profile"]["fingerprint"] = "0" * 64
 
 
-def test_an_interrupted_rerun_keeps_the_earlier_report_and_resumes_only_what_it_proves(report, tmp_path,
-                                                                                     monkeypatch):
-    """The lease ends during the second notebook of a rerun: the earlier report stays as it was. A resume keeps the
-    finished notebook only if its files prove it; a forged or edited folder runs again. The resumed run's quality
-    notebook fails (a reference image is gone): it is saved, the run fails, and the failing report replaces the
-    earlier one as a whole."""
+RESUMABLE = """
+import json, sys
+from pathlib import Path
+from fluxkit.lab.validate import _resumable, run_fingerprint
+folder = Path(sys.argv[1])
+parameters = json.loads((folder / "run.json").read_text())["parameters"]
+try:
+    print(json.dumps(sorted(_resumable(folder, parameters, run_fingerprint(Path(sys.argv[2]), parameters)))))
+except Exception as err:
+    print(json.dumps(f"{type(err).__name__}: {err}"))
+"""
+
+
+def test_a_resume_keeps_only_what_it_proves(report, installed, tiny_dir, tmp_path):
+    """The interrupted run's finished notebook is kept; a forged or edited folder runs again; a damaged run.json is
+    refused in one line. Asked of the installed fluxkit that wrote the folder."""
+    python, work, env = installed
+    kept = report[2]
+    for forgery, keeps in ((_untouched, ["01_vram_profile"]), (_all_ok_without_files, []), (_blank_notebook, []),
+                           (_edited_section, []), (_rehashed_blank_notebook, []), (_other_fingerprint, [])):
+        forged = _forged(kept, tmp_path, forgery.__name__, forgery)
+        run = subprocess.run([str(python), "-c", RESUMABLE, str(forged), str(tiny_dir)], capture_output=True,
+                             text=True, cwd=work, env=env, timeout=300)
+        assert json.loads(run.stdout.strip().splitlines()[-1]) == keeps, (forgery.__name__, run.stderr[-2000:])
+    broken = _forged(kept, tmp_path, "broken", _untouched)
+    parameters = json.loads((broken / validate_module.RUN_FILE).read_text())["parameters"]
+    (broken / validate_module.RUN_FILE).write_text("{not json")
+    with pytest.raises(InputError, match="run.json is damaged .*without --resume"):
+        validate_module._resumable(broken, parameters, "unused: refused before any fingerprint is compared")
+
+
+def test_other_values_are_not_resumed(report, tmp_path):
+    out_root = tmp_path / "reports"
+    shutil.copytree(report[2], out_root / ".tiny.incomplete")
+    with pytest.raises(InputError, match="other values of iterations"):
+        validate_module.validate(name="tiny", out_root=out_root, resume=True, **{**FAST_VALIDATE, "iterations": 4})
+
+
+def test_a_failing_notebook_is_saved_and_its_report_replaces_the_earlier_one_whole(report, tmp_path, monkeypatch):
+    """A notebook that fails (papermill raising after it saved the executed copy) fails the run; the failing report
+    replaces the earlier one of the same name as a whole, never mixed with its files."""
     import papermill
 
     out_root = tmp_path / "reports"
     shutil.copytree(report[0], out_root / "same")
-    before = {p.name: p.read_bytes() for p in (out_root / "same").iterdir()}
-    real = papermill.execute_notebook
-    calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(Path(args[0]).stem)
-        if calls == list(validate_module.NOTEBOOKS[:2]):
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def failing(source, executed, **kwargs):
+        Path(executed).write_text(Path(source).read_text())
+        raise papermill.PapermillExecutionError(0, 1, "boom", "RuntimeError", "a cell failed", [])
 
-    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        validate_module.validate(name="same", out_root=out_root, **FAST_VALIDATE)
-    assert {p.name: p.read_bytes() for p in (out_root / "same").iterdir()} == before
-    assert sorted(p.name for p in out_root.iterdir()) == [".same.incomplete", "same"]  # hidden, never a report
-    work = out_root / ".same.incomplete"
-
-    with pytest.raises(InputError, match="other values of iterations"):
-        validate_module.validate(name="same", out_root=out_root, resume=True, **{**FAST_VALIDATE, "iterations": 4})
-    parameters = json.loads((work / validate_module.RUN_FILE).read_text())["parameters"]
-    fingerprint = validate_module.run_fingerprint(Path(validate_module.resolve_model("auto").path), parameters)
-    assert list(validate_module._resumable(work, parameters, fingerprint)) == ["01_vram_profile"]
-    for forgery in (_all_ok_without_files, _blank_notebook, _edited_section, _rehashed_blank_notebook,
-                    _other_fingerprint):
-        forged = _forged(work, tmp_path, forgery.__name__, forgery)
-        assert validate_module._resumable(forged, parameters, fingerprint) == {}, forgery.__name__
-    broken = _forged(work, tmp_path, "broken", lambda folder, run: None)
-    (broken / validate_module.RUN_FILE).write_text("{not json")
-    with pytest.raises(InputError, match="run.json is damaged"):
-        validate_module._resumable(broken, parameters, fingerprint)
-
-    refs = tmp_path / "refs"  # the manifest lists an image that is gone: the quality notebook fails on it
-    shutil.copytree(REFERENCE_DIR, refs)
-    (refs / "synthetic-tiny-s0_nf4_lighthouse.png").unlink()
-    monkeypatch.setenv("FLUXKIT_REFERENCE_DIR", str(refs))
-    calls.clear()
-    out_dir, code = validate_module.validate(name="same", out_root=out_root, resume=True, **FAST_VALIDATE)
-    assert calls == list(validate_module.NOTEBOOKS[1:])  # the proven notebook is kept, the rest run
+    monkeypatch.setattr(papermill, "execute_notebook", failing)
+    out_dir, code = validate_module.validate(name="same", out_root=out_root, **FAST_VALIDATE)
     assert code != 0 and sorted(p.name for p in out_root.iterdir()) == ["same"]
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["notebooks"] == {"01_vram_profile": "ok", "02_latency": "ok", "03_quality_regression": "failed",
-                                    "04_quantization_tradeoffs": "ok"}
-    assert "synthetic-tiny-s0_nf4_lighthouse.png" in (out_dir / "03_quality_regression.ipynb").read_text()
-    assert (out_dir / "03_quality_regression.html").is_file() and not (out_dir / validate_module.RUN_FILE).exists()
-    assert "Overall: **fail**" in (out_dir / "summary.md").read_text()
-    assert (out_dir / "summary.md").read_bytes() != before["summary.md"]  # replaced as a whole
+    assert set(metrics["notebooks"].values()) == {"failed"} and metrics["verdict"] == "fail"
+    assert all((out_dir / f"{nb}.ipynb").is_file() and (out_dir / f"{nb}.html").is_file()
+               for nb in validate_module.NOTEBOOKS)
+    assert not (out_dir / "vram.json").exists() and "Overall: **fail**" in (out_dir / "summary.md").read_text()

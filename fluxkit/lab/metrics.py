@@ -116,10 +116,12 @@ class ClipScorer:
 
     def clip_score(self, image: torch.Tensor, text: str) -> float:
         """100 x max(cos, 0) between image and text (the torchmetrics definition)."""
-        return 100.0 * max(float(self.image_features(image) @ self.text_features(text)), 0.0)
+        return self.score(self.image_features(image), text)
 
-    def image_cosine(self, image: torch.Tensor, reference: torch.Tensor) -> float:
-        return float(self.image_features(image) @ self.image_features(reference))
+    def score(self, features: torch.Tensor, text: str) -> float:
+        """`clip_score` of an image whose features are at hand: the image tower is what costs on a CPU, so a caller
+        that also compares the image encodes it once."""
+        return 100.0 * max(float(features @ self.text_features(text)), 0.0)
 
     def describe(self) -> str:
         if self.real:

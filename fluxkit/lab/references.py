@@ -166,10 +166,11 @@ def compare_case(model: FluxModel, case: dict, clip: ClipScorer, cosine_min: flo
     intact = path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == case["sha256"]
     reference = load_png(path)
     current = regenerate(model, case)
-    cosine = clip.image_cosine(current, reference)
+    features, reference_features = clip.image_features(current), clip.image_features(reference)
+    cosine = float(features @ reference_features)
     result = {"name": case["name"], "prompt": case["request"]["prompt"], "seed": case["request"]["seed"],
-              "reference_intact": intact, "clip_score": clip.clip_score(current, case["request"]["prompt"]),
-              "reference_clip_score": clip.clip_score(reference, case["request"]["prompt"]),
+              "reference_intact": intact, "clip_score": clip.score(features, case["request"]["prompt"]),
+              "reference_clip_score": clip.score(reference_features, case["request"]["prompt"]),
               "clip_image_cosine": cosine, "psnr_db": psnr(current, reference), "ssim": ssim(current, reference),
               "max_abs_diff": float((current - reference).abs().max())}
     reasons = []
