@@ -169,9 +169,10 @@ def test_prompt_files(tmp_path):
 
 
 def test_sweep_cli_with_placements_as_a_third_axis(tiny_dir, tmp_path):
+    (tmp_path / "one.yaml").write_text("cases: [{name: cat, prompt: a cat on a red roof, seed: 3}]\n")
     code, out, err = run_main("sweep", "--model", str(tiny_dir), "--device", "cpu", "--variants", "nf4", "gguf-q4_0",
                               "--placement", "resident", "vortex", "--iterations", "1", "--clip-model", "ViT-B-32",
-                              "--out", str(tmp_path / "out"))
+                              "--prompts", str(tmp_path / "one.yaml"), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert (tmp_path / "out" / "sweep.json").is_file() and (tmp_path / "out" / "sweep.csv").is_file()
     rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"]}
