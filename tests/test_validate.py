@@ -171,26 +171,26 @@ RESUMABLE = """
 import json, sys
 from pathlib import Path
 from fluxkit.lab.validate import _resumable, run_fingerprint
-folder = Path(sys.argv[1])
-parameters = json.loads((folder / "run.json").read_text())["parameters"]
-try:
-    print(json.dumps(sorted(_resumable(folder, parameters, run_fingerprint(Path(sys.argv[2]), parameters)))))
-except Exception as err:
-    print(json.dumps(f"{type(err).__name__}: {err}"))
+kept = {}
+for folder in map(Path, sys.argv[2:]):
+    parameters = json.loads((folder / "run.json").read_text())["parameters"]
+    kept[folder.parent.name] = sorted(_resumable(folder, parameters, run_fingerprint(Path(sys.argv[1]), parameters)))
+print(json.dumps(kept))
 """
 
 
 def test_a_resume_keeps_only_what_it_proves(report, installed, tiny_dir, tmp_path):
-    """The interrupted run's finished notebook is kept; a forged or edited folder runs again; a damaged run.json is
-    refused in one line. Asked of the installed fluxkit that wrote the folder."""
+    """The interrupted run's finished notebook is kept; a forged or edited folder runs again (asked of the installed
+    fluxkit that wrote the folder); a damaged run.json is refused in one line."""
     python, work, env = installed
     kept = report[2]
-    for forgery, keeps in ((_untouched, ["01_vram_profile"]), (_all_ok_without_files, []), (_blank_notebook, []),
-                           (_edited_section, []), (_rehashed_blank_notebook, []), (_other_fingerprint, [])):
-        forged = _forged(kept, tmp_path, forgery.__name__, forgery)
-        run = subprocess.run([str(python), "-c", RESUMABLE, str(forged), str(tiny_dir)], capture_output=True,
-                             text=True, cwd=work, env=env, timeout=300)
-        assert json.loads(run.stdout.strip().splitlines()[-1]) == keeps, (forgery.__name__, run.stderr[-2000:])
+    expected = {"_untouched": ["01_vram_profile"], "_all_ok_without_files": [], "_blank_notebook": [],
+                "_edited_section": [], "_rehashed_blank_notebook": [], "_other_fingerprint": []}
+    folders = [_forged(kept, tmp_path, name, globals()[name]) for name in expected]
+    run = subprocess.run([str(python), "-c", RESUMABLE, str(tiny_dir), *map(str, folders)], capture_output=True,
+                         text=True, cwd=work, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
     broken = _forged(kept, tmp_path, "broken", _untouched)
     parameters = json.loads((broken / validate_module.RUN_FILE).read_text())["parameters"]
     (broken / validate_module.RUN_FILE).write_text("{not json")
