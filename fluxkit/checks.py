@@ -46,13 +46,18 @@ def parse_positive_float(name: str, text: str, *, errors: tuple[type, type] = IN
     return value
 
 
-def missing_extra(extra: str, *modules: str) -> str | None:
-    """Why a feature cannot run here: the first of `modules` that cannot be imported, and the extra that installs
-    it; None when all can (found without importing them)."""
+def installed(module: str) -> bool:
+    """Whether an optional module can be imported, without importing it (torchao's import alone takes seconds)."""
     import importlib.util
 
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_extra(extra: str, *modules: str) -> str | None:
+    """Why a feature cannot run here: the first of `modules` that cannot be imported, and the extra that installs
+    it; None when all can."""
     for module in modules:
-        if importlib.util.find_spec(module) is None:
+        if not installed(module):
             return f"needs the {module} package, which is not installed: pip install 'fluxkit[{extra}]'"
     return None
 

@@ -9,6 +9,7 @@ from .args import SEED, int_in, json_file, load, model_args, output_file
 
 def bench(args: argparse.Namespace) -> int:
     from ..errors import InputError
+    from ..lab import standin
     from ..lab.bench import run_benchmark
     from ..lab.report import to_jsonable, weights_statement
 
@@ -16,12 +17,8 @@ def bench(args: argparse.Namespace) -> int:
         if args.sms:
             raise InputError("--sms times one configuration: drop --baseline and --levers")
         return _side_by_side(args)
-    piece = None
-    if args.sms:
-        from ..lab import standin
-
-        piece = standin.open_slice(args.sms, "cuda" if args.device == "auto" else args.device)
-    with _on(piece):  # the load too: the caching allocator keeps its blocks per stream
+    piece = standin.open_slice(args.sms, args.device) if args.sms else None
+    with standin.on(piece):  # the load too: the caching allocator keeps its blocks per stream
         model = load(args)
         result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed,
                                negative_prompt=None if args.no_true_cfg else "blurry, low quality")
@@ -43,16 +40,6 @@ def bench(args: argparse.Namespace) -> int:
     if piece is not None:
         standin.close(piece)
     return 0
-
-
-def _on(piece):
-    from contextlib import nullcontext
-
-    if piece is None:
-        return nullcontext()
-    from ..lab.standin import on
-
-    return on(piece)
 
 
 def _side_by_side(args: argparse.Namespace) -> int:

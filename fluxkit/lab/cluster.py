@@ -130,13 +130,18 @@ def sweep_on_ray(address: str, model: str, device: str, variant_list: list, prom
 
 def _validate_task(kwargs: dict) -> tuple[str, int, bytes, dict]:
     """On a worker: one `fluxkit validate` run into a scratch folder; its report as a tar archive."""
+    import shutil
+
     from .validate import validate
 
     out_root = Path(tempfile.mkdtemp(prefix="fluxkit-ray-validate-"))
-    out_dir, code = validate(**kwargs, out_root=out_root, progress=False)
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        tar.add(out_dir, arcname=out_dir.name)
+    try:
+        out_dir, code = validate(**kwargs, out_root=out_root, progress=False)
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+            tar.add(out_dir, arcname=out_dir.name)
+    finally:  # the report travels in the archive; the worker's node keeps nothing
+        shutil.rmtree(out_root, ignore_errors=True)
     return out_dir.name, code, archive.getvalue(), _where()
 
 

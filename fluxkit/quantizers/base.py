@@ -7,11 +7,12 @@ modules it stores quantized and how many bytes each keeps, how it loads or conve
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from ..checks import missing_extra
 
 if TYPE_CHECKING:
     from ..config import PlacementSpec, QuantizationSpec
@@ -28,11 +29,6 @@ def keep_in_fp32(module: torch.nn.Module) -> tuple[str, ...]:
 def converted(name: str, module: torch.nn.Module, skip: tuple[str, ...]) -> bool:
     """Whether a Linear is quantized: the rule bitsandbytes' loaders apply, which every backend follows."""
     return type(module) is torch.nn.Linear and not any(s in name.split(".") for s in skip)
-
-
-def installed(package: str) -> bool:
-    """Whether an optional package can be imported, without importing it (torchao's import alone takes seconds)."""
-    return importlib.util.find_spec(package) is not None
 
 
 def streamed_layers(model: torch.nn.Module, names: tuple[str, ...]) -> None:
@@ -84,9 +80,7 @@ class Quantizer:
         if placement.modulation == "fit" and not self.streams_modulation:
             return (f"placement {placement.name} streams modulation layers one at a time, which fluxkit does for "
                     f"bitsandbytes and torchao layers only; {self.label} loads the transformer whole")
-        if self.package and not installed(self.package):
-            return f"the {self.package} package is not installed: pip install 'fluxkit[{self.package}]'"
-        return None
+        return missing_extra(self.package, self.package) if self.package else None
 
     # ---- what the planner counts -------------------------------------------------------------------------
 

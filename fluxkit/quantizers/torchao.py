@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .base import Quantizer, converted, installed, keep_in_fp32
+from ..checks import installed
+from .base import Quantizer, converted, keep_in_fp32
 
 INT4_GROUP = 128  # Int4WeightOnlyConfig's group size
 
