@@ -4,9 +4,10 @@ turns it off (`preset_refused` when a preset is read, `graphs_unsupported` per p
 1. fluxkit's dequantization kernel for bitsandbytes 4-bit layers (fluxkit/dequantize.py): resident NF4 went from
    1.29x to 1.14x bf16's call (H200, full-size synthetic checkpoint).
 2. torch.compile of the transformer's repeated blocks (diffusers' `compile_repeated_blocks`: one double-stream and
-   one single-stream block traced and reused for all 57, seconds to compile instead of minutes) and of the VAE
-   decoder. `compile_scope: transformer` compiles the whole transformer: NF4 denoise 0.358 -> 0.305 s, but the
-   images moved to 30.2 dB from eager NF4's, so `blocks` is the default.
+   one single-stream block traced and reused for all 57, seconds to compile instead of minutes) and, where it
+   decodes in one piece, of the VAE decoder (`decoder_stays_eager` says why not where it decodes in tiles).
+   `compile_scope: transformer` compiles the whole transformer: NF4 denoise 0.358 -> 0.305 s, but the images moved
+   to 30.2 dB from eager NF4's, so `blocks` is the default.
 3. CUDA graphs of fluxkit's own (`GraphedCall`): each phase's call captured once per input signature and replayed,
    which keeps the images of the uncaptured path; resident NF4 0.448 -> 0.231 s P50, P99/P50 1.52 -> 1.03 (H200).
    torch.compile's own graphs (`compile_mode: reduce-overhead`) need the whole transformer compiled.
@@ -18,7 +19,6 @@ folder (the CLI points it at fluxkit's cache). The library never sets it: it bel
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -94,7 +94,7 @@ def apply_fast_path(pipe, preset: Preset, placement: PlacementSpec, modulation, 
         if modulation is not None:
             modulation.layer_4bit = Linear4bit  # a parked layer computes what it would compute resident
     if preset.compile:
-        compile_components(pipe, preset.compile_mode, preset.compile_scope)
+        compile_components(pipe, preset.compile_mode, preset.compile_scope, placement)
         fast.compiled = True
     if preset.cuda_graphs:
         reason = graphs_unsupported(placement)
@@ -107,31 +107,43 @@ def apply_fast_path(pipe, preset: Preset, placement: PlacementSpec, modulation, 
     return fast
 
 
-def compile_components(pipe, mode: str, scope: str = "blocks") -> None:
-    """Compile the transformer (its repeated blocks, or all of it) and the VAE decoder (fullgraph: a graph break is
-    an error)."""
+def decoder_stays_eager(spec: PlacementSpec) -> str | None:
+    """Why a placement's VAE decoder is not compiled, or None. Dynamo traces a compiled module again at every start,
+    once per input shape, even with every kernel in the compile cache; a tiled decode feeds it three tile shapes."""
+    if spec.vae_tile_size:
+        return ("its tiled decode feeds the decoder three tile shapes, each traced again at every start (H200, full-size "
+                "synthetic checkpoint, warm cache: warm-up call 22.4 s with the decoder compiled, 7.8 s without; "
+                "decode 0.08-0.14 s a call either way)")
+    return None
+
+
+def compile_components(pipe, mode: str, scope: str, placement: PlacementSpec) -> None:
+    """Compile the transformer (its repeated blocks, or all of it) and, unless `decoder_stays_eager`, the VAE decoder
+    (fullgraph: a graph break is an error)."""
     transformer, decoder = compile_options(mode)
     if scope == "transformer":
         pipe.transformer.compile(**transformer)
     else:
         pipe.transformer.compile_repeated_blocks(**transformer)
-    pipe.vae.decoder.compile(**decoder)
+    reason = decoder_stays_eager(placement)
+    if reason:
+        log.info("VAE decoder not compiled under placement %s: %s", placement.name, reason)
+    else:
+        pipe.vae.decoder.compile(**decoder)
 
 
 def compile_options(mode: str) -> tuple[dict, dict]:
-    """torch.compile's options for the transformer and for the VAE decoder. The decoder gets no CUDA graphs: it runs
-    once per tile, and each replay would overwrite the tile before it."""
+    """torch.compile's options for the transformer and for the VAE decoder. The decoder gets no CUDA graphs of
+    torch.compile's: a replay overwrites its output, which breaks any caller that runs it more than once a call."""
     transformer = {"fullgraph": True, "mode": None if mode == "default" else mode}
     return transformer, {**transformer, "mode": None if mode == "reduce-overhead" else transformer["mode"]}
 
 
-def warm_up(model) -> float:
-    """One call that compiles and captures what the fast path turned on; returns its seconds."""
-    start = time.perf_counter()
+def warm_up(model) -> None:
+    """One call that compiles and captures what the fast path turned on (the load's stage timer counts it)."""
     model.generate(WARMUP_PROMPT, seed=0)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    return time.perf_counter() - start
 
 
 @dataclass

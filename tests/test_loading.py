@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fluxkit import VortexInitializationError, load_flux_schnell, load_placement, load_preset
-from fluxkit.fastpath import compile_components, compile_options, graphs_unsupported
+from fluxkit.config import available_placements
+from fluxkit.fastpath import compile_components, compile_options, decoder_stays_eager, graphs_unsupported
 from fluxkit.hub import DOWNLOAD_PATTERNS, resolve_model
 from fluxkit.loading import WARM_UP_STAGE, load_failure
 from fluxkit.memory import GB, GIB, count_quantized_linears
@@ -47,16 +48,20 @@ def test_a_load_says_where_its_seconds_went(tiny_dir, caplog):
     assert [m.split("  ")[0].removeprefix("load stage ") for m in logged] == list(stages)
 
 
-@pytest.mark.parametrize("scope", ["blocks", "transformer"])
-def test_the_compile_scope_picks_what_torch_compile_wraps(tiny_dir, scope):
-    """Compiling only wraps the modules (nothing runs here); the CUDA warm-up is the GPU host's to measure."""
+@pytest.mark.parametrize("scope, placement", [("blocks", "vortex"), ("transformer", "resident")])
+def test_the_compile_scope_and_placement_pick_what_torch_compile_wraps(tiny_dir, scope, placement, caplog):
+    """Compiling only wraps the modules (nothing runs here); the CUDA warm-up is the GPU host's to measure. A tiled
+    decoder stays eager: its three tile shapes cost a restart three traces."""
     pipe = load_flux_schnell(device="cpu", model=tiny_dir).pipe
-    compile_components(pipe, "default", scope)
+    with caplog.at_level(logging.INFO, logger="fluxkit"):
+        compile_components(pipe, "default", scope, load_placement(placement))
     blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
     wrapped = [b._compiled_call_impl is not None for b in blocks]
     assert (pipe.transformer._compiled_call_impl is not None) == (scope == "transformer")
     assert wrapped == [scope == "blocks"] * len(blocks)
-    assert pipe.vae.decoder._compiled_call_impl is not None
+    assert (pipe.vae.decoder._compiled_call_impl is not None) == (placement == "resident")
+    assert ("VAE decoder not compiled under placement vortex" in caplog.text) == (placement == "vortex")
+    assert [p for p in available_placements() if decoder_stays_eager(load_placement(p))] == ["vortex", "offload"]
 
 
 def test_cuda_graphs_for_the_transformer_never_for_the_tiled_decoder():
