@@ -55,15 +55,13 @@ def run(variant: str) -> dict:
         profile.dump_stats(os.environ["PROFILE"])
     from torch._dynamo.utils import compile_times, counters
 
-    phases = {}
-    for i in range(int(os.environ.get("CALLS", 8))):
-        model.generate(f"call {i}: a lighthouse on a cliff", seed=i)
-        for name, s in model.last_call.timings.items():
-            phases.setdefault(name, []).append(s)
+    from fluxkit.lab.bench import timed_calls
+
+    rows = timed_calls(model, int(os.environ.get("CALLS", 8)), "a lighthouse on a cliff")
     return {"variant": variant, "import_s": round(imported, 2), "to_first_image_s": round(first, 2),
             "stages": {k: round(v, 2) for k, v in model.stages.seconds.items()},
             "frames": dict(counters["stats"]), "compile_times": compile_times(repr="str"),
-            "phase_p50_s": {k: round(statistics.median(v), 4) for k, v in phases.items()},
+            "phase_p50_s": {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0] if k != "started"},
             "allocated_gb": round(torch.cuda.memory_allocated() / 1e9, 3)}
 
 
