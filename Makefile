@@ -26,9 +26,10 @@ $(VENV)/.test: $(VENV)/.lab pyproject.toml
 validate: $(VENV)/.lab
 	$(VENV)/bin/fluxkit validate
 
+# pytest-xdist: a worker per core, each single-threaded (workers with two OpenMP threads each on 2 cores thrash)
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n auto --dist loadfile
 
 # JupyterLab on the notebooks, with the `fluxkit` kernel registered for this environment
 lab: $(VENV)/.lab

@@ -18,6 +18,12 @@ FAST_VALIDATE = dict(model="auto", device="cpu", iterations=3, drift_calls=2, cl
                      clip_pretrained="openai", sweep_presets=["nf4"], progress=False)
 
 
+def bare_env(**values: str) -> dict:
+    """An environment of only `values` (what a fresh install sees) and the test run's thread count: a process that
+    ran with OpenMP's default beside the other pytest-xdist worker took 3x as long (2 cores)."""
+    return {**{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}, **values}
+
+
 def run_cli(*args: str, env_extra: dict | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     env.pop("HF_HUB_OFFLINE", None)  # the CLI must set it itself

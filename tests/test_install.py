@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from helpers import build_wheel, fresh_environment
+from helpers import bare_env, build_wheel, fresh_environment
 
 # Never needed to load and generate: what `pip install fluxkit` must not pull in.
 LAB_MODULES = ("matplotlib", "papermill", "nbconvert", "nbformat", "ipykernel", "jupyterlab", "jsonschema",
@@ -37,9 +37,9 @@ print(json.dumps({"fluxkit": fluxkit.__file__, "shape": list(image.shape), "fini
 
 def test_the_core_install_pulls_no_lab_package_and_generates(wheel, tiny_dir, tmp_path, cache_dir):
     python = fresh_environment(tmp_path / "env", wheel)
+    env = bare_env(HF_HUB_OFFLINE="1", FLUXKIT_CACHE=str(tmp_path / "cache"), PATH="/usr/bin:/bin")
     run = subprocess.run([str(python), "-c", CORE_SCRIPT, str(tiny_dir), *LAB_MODULES], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=600, env={"HF_HUB_OFFLINE": "1", "FLUXKIT_CACHE":
-                                                                    str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"})
+                         text=True, cwd=tmp_path, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["fluxkit"].startswith(str(tmp_path / "env"))  # the installed wheel, not this checkout
@@ -51,6 +51,6 @@ def test_the_core_install_pulls_no_lab_package_and_generates(wheel, tiny_dir, tm
     for args, extra in ((["validate"], "lab"), (["sweep", "--out", str(tmp_path)], "lab"),
                         (["synth", "--out", str(tmp_path / "s")], "synthetic")):
         run = subprocess.run([str(python), "-m", "fluxkit.cli", *args], capture_output=True, text=True, cwd=tmp_path,
-                             timeout=300, env={"PATH": "/usr/bin:/bin"})
+                             timeout=300, env=bare_env(PATH="/usr/bin:/bin"))
         assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr[-2000:]
         assert f"pip install 'fluxkit[{extra}]'" in run.stderr

@@ -19,7 +19,7 @@ from fluxkit.lab import validate as validate_module
 from fluxkit.lab.metrics import load_clip
 from fluxkit.lab.references import REFERENCE_DIR, compare_all
 from fluxkit.lab.report import evaluate_budgets, validate_metrics
-from helpers import FAST_VALIDATE, build_wheel, fresh_environment
+from helpers import FAST_VALIDATE, bare_env, build_wheel, fresh_environment
 
 
 def _flip(png):
@@ -35,9 +35,9 @@ def installed(tiny_dir, tmp_path_factory):
     """`pip install 'fluxkit[lab]'`: the wheel in a fresh environment, run from a folder outside the checkout."""
     work = tmp_path_factory.mktemp("installed")
     python = fresh_environment(work / "env", build_wheel(work / "wheel"), extras=("lab",))
-    env = {"PATH": f"{python.parent}:/usr/bin:/bin", "HOME": str(work), "FLUXKIT_CACHE": os.environ["FLUXKIT_CACHE"],
-           # nbconvert's HTML templates are data files of the lab's packages, beside (not in) their Python code
-           "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")}
+    env = bare_env(PATH=f"{python.parent}:/usr/bin:/bin", HOME=str(work), FLUXKIT_CACHE=os.environ["FLUXKIT_CACHE"],
+                   # nbconvert's HTML templates are data files of the lab's packages, beside (not in) their Python code
+                   JUPYTER_PATH=str(Path(sys.prefix) / "share" / "jupyter"))
     return python, work, env
 
 
