@@ -2,6 +2,7 @@
 the tiny checkpoint's sweep, each variant a task in a fresh process, with the serial sweep's rows."""
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,16 +89,9 @@ def test_variants_that_fail_or_run_out_of_time_keep_their_rows(tiny_dir, cluster
 
 
 def test_without_ray_the_extra_is_named(monkeypatch, tmp_path):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
-    code, _, err = run_main("sweep", "--device", "cpu", "--ray", "--out", str(tmp_path / "out"))
-    assert code == 2 and err.strip() == ("fluxkit: error: --ray needs Ray, which is not installed: pip install "
-                                         "'fluxkit[ray]'")
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray gives: not found, not importable
+    for command in (["sweep", "--device", "cpu", "--ray", "--out", str(tmp_path / "out")],
+                    ["validate", "--device", "cpu", "--placements", "resident", "vortex", "--ray"]):
+        code, _, err = run_main(*command)
+        assert code == 2 and err.strip() == (f"fluxkit: error: fluxkit {command[0]} --ray needs the ray package, which "
+                                             "is not installed: pip install 'fluxkit[ray]'"), err

@@ -16,6 +16,8 @@ def sweep(args: argparse.Namespace) -> int:
     from ..lab.metrics import check_clip_name, load_clip
 
     require_extra("fluxkit sweep", "lab", *LAB_MODULES)
+    if args.ray:
+        require_extra("fluxkit sweep --ray", "ray", "ray")
     from ..lab.prompts import reference_prompts
     from ..lab.report import to_jsonable
     from ..lab.sweep import fits, sweep, variants, write_csv
@@ -27,10 +29,6 @@ def sweep(args: argparse.Namespace) -> int:
     partial.unlink(missing_ok=True)
     t5 = {"both": (True, False), "quantized": (True,), "bf16": (False,)}[args.t5]
     compiled = {"both": (True, False), "on": (True,), "off": (False,)}[args.compile]
-    if args.ray:
-        from ..lab.cluster import import_ray
-
-        import_ray()  # the extra is missing: say so before anything loads
     result = sweep(args.model, args.device, variants(args.variants, tuple(args.placement), t5),
                    load_clip(args.clip_model, args.clip_pretrained), args.iterations, prompts, args.variant_timeout,
                    partial, compiled, ray=args.ray)
@@ -70,6 +68,8 @@ def validate(args: argparse.Namespace) -> int:
     from ..errors import InputError
 
     require_extra("fluxkit validate", "lab", *LAB_MODULES)
+    if args.ray:
+        require_extra("fluxkit validate --ray", "ray", "ray")
     from ..lab.metrics import check_clip_name
     from ..lab.validate import validate
 

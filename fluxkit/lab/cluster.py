@@ -24,20 +24,19 @@ from pathlib import Path
 
 import torch
 
+from ..checks import require_extra
 from ..errors import FluxkitError, InputError, one_line
 
 log = logging.getLogger(__name__)
 
-RAY_EXTRA = "pip install 'fluxkit[ray]'"
 # Ray's object store holds only rows, images and reports here: a small one leaves the memory to the models.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 
 
 def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise InputError(f"--ray needs Ray, which is not installed: {RAY_EXTRA}") from None
+    require_extra("--ray", "ray", "ray")
+    import ray
+
     return ray
 
 
