@@ -206,12 +206,23 @@ def test_other_values_are_not_resumed(report, tmp_path):
 
 
 def test_a_failing_notebook_is_saved_and_its_report_replaces_the_earlier_one_whole(report, tmp_path, monkeypatch):
-    """A notebook that fails (papermill raising after it saved the executed copy) fails the run; the failing report
-    replaces the earlier one of the same name as a whole, never mixed with its files."""
+    """A rerun interrupted in its first notebook leaves the earlier report of the same name as it was, beside a
+    hidden incomplete folder. A notebook that fails (papermill raising after it saved the executed copy) fails the
+    run; the failing report replaces the earlier one as a whole, never mixed with its files."""
     import papermill
 
     out_root = tmp_path / "reports"
     shutil.copytree(report[0], out_root / "same")
+    before = {p.name: p.read_bytes() for p in (out_root / "same").iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        validate_module.validate(name="same", out_root=out_root, **FAST_VALIDATE)
+    assert {p.name: p.read_bytes() for p in (out_root / "same").iterdir()} == before
+    assert sorted(p.name for p in out_root.iterdir()) == [".same.incomplete", "same"]  # hidden, never a report
 
     def failing(source, executed, **kwargs):
         Path(executed).write_text(Path(source).read_text())
@@ -225,3 +236,4 @@ def test_a_failing_notebook_is_saved_and_its_report_replaces_the_earlier_one_who
     assert all((out_dir / f"{nb}.ipynb").is_file() and (out_dir / f"{nb}.html").is_file()
                for nb in validate_module.NOTEBOOKS)
     assert not (out_dir / "vram.json").exists() and "Overall: **fail**" in (out_dir / "summary.md").read_text()
+    assert not (out_dir / validate_module.RUN_FILE).exists()
