@@ -9,6 +9,7 @@ RUN_DIR=${RUN_DIR:-/tmp/fk}
 end=$((SECONDS + ${1:-540}))
 while [ ! -f "$RUN_DIR/DONE" ] && [ $SECONDS -lt $end ]; do sleep 10; done
 grep -H "^== \|sweep variant" "$RUN_DIR"/*.log "$RUN_DIR"/logs/*.log 2>/dev/null; tail -n 3 "$RUN_DIR"/*.log
+newest=$(ls -t "$RUN_DIR"/logs/*.log 2>/dev/null | head -1); [ -n "$newest" ] && tail -n 2 "$newest"  # the step now running
 [ -f "$RUN_DIR/DONE" ] && echo "DONE" || echo "still running"
 ( cd /tmp/fkrepo && find reports reference_images -type f -newer "$RUN_DIR/.start" ) > "$RUN_DIR/new-files.txt"
 tar czf "$OUT/snapshot.tgz" --exclude="*results.tgz" -C "$RUN_DIR" . -C /tmp/fkrepo -T "$RUN_DIR/new-files.txt"

@@ -60,7 +60,8 @@ for step in "$@"; do
           $([ $n = all ] || echo --sms $n) --json "$LOGS/bench_sms_$n.json"
       done ;;
     standin-cotenancy)
-      python3 -c "import json, sys; from fluxkit.lab.profiling import cotenancy
+      python3 -c "import json, logging, sys; from fluxkit.lab.profiling import cotenancy
+logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')  # each call's line, as it ends
 print(json.dumps(cotenancy(sys.argv[1], 'cuda', 'nf4', ['auto'], calls=100, sms=int(sys.argv[2]))))" \
         "$CKPT" ${STANDIN_COTENANCY_SMS:-8} > "$LOGS/cotenancy_sms_${STANDIN_COTENANCY_SMS:-8}.json" ;;
     sweep-ray)

@@ -1,7 +1,9 @@
 """The quantization sweep on the tiny checkpoint (CPU): rows, fidelity to bf16, what fits, skipped variants."""
 import csv
 import json
+import logging
 import math
+import os
 
 import pytest
 
@@ -143,15 +145,19 @@ def test_a_variant_that_stalls_is_stopped(tiny_dir, tmp_path):
     assert time.perf_counter() - start < 30  # stopped at its limit, not run to the end
 
 
-def test_a_variant_process_that_fails_gives_its_whole_reason(tiny_dir, tmp_path):
+def test_a_variant_process_that_fails_gives_its_whole_reason_and_its_log(tiny_dir, tmp_path, caplog):
     """The fresh-process path keeps the error itself, not the last line of a traceback (a multi-line compile error
-    once kept only " Remedy: ..."). Driven on the CPU, where float8 matmuls cannot run."""
+    once kept only " Remedy: ..."), and hands the process's log records to this one's logging, as made (a run cut
+    short keeps its progress). Driven on the CPU, where float8 matmuls cannot run."""
     with pytest.raises(RuntimeError) as info:
         measure_in_fresh_process(str(tiny_dir), "cpu", Variant("torchao-fp8dq", True, "resident"), 1, tmp_path,
                                  ONE_PROMPT, 300)
     reason = str(info.value)
     assert reason.startswith("VortexInitializationError: preset torchao-fp8dq cannot run"), reason
     assert "compute capability 8.9" in reason and "Remedy:" in reason and "\n" not in reason
+    [record] = [r for r in caplog.records if r.process != os.getpid()]  # the load's structured error, once
+    assert record.name == "fluxkit" and record.levelno == logging.ERROR and record.structured
+    assert json.loads(record.getMessage())["model_name"] == "flux-schnell"
 
 
 def test_prompt_files(tmp_path):

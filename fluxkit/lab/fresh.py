@@ -2,16 +2,23 @@
 be its own (each sweep variant, each placement profile, Vortex's co-tenancy check). The serial sweep, the Ray
 sweep and the profiles all go through `call_in_fresh_process`.
 
-The child reads `{"function": "module:name", "kwargs": {...}, "threads": n}` on stdin and prints one JSON line: the
-function's result, or `{"error": "Type: message"}` for a failure fluxkit foresaw.
+The child reads `{"function": "module:name", "kwargs": {...}, "threads": n, "log_level": n}` on stdin and prints one
+JSON line: the function's result, or `{"error": "Type: message"}` for a failure fluxkit foresaw. Its fluxkit log
+records come back on stderr as they are made, one JSON line each, and are handed to this process's logging: a long
+measurement (a load, 100 co-tenancy calls) shows its progress under `fluxkit -v`, and a run cut short (a machine
+taken back) leaves in its log what it had done.
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
+from typing import IO
 
 from ..errors import FluxkitError, one_line
 
@@ -31,20 +38,67 @@ def call_in_fresh_process(function: str, kwargs: dict, timeout_s: float | None =
     """`function` ("package.module:name") called with `kwargs` in a new interpreter; returns its JSON result.
     `threads` sets torch's CPU threads there (a CPU result is bit for bit the same only at the same thread count).
     Raises FreshProcessError with the one-line reason when the call fails, the process dies or `timeout_s` passes."""
-    request = json.dumps({"function": function, "kwargs": kwargs, "threads": threads})
+    request = json.dumps({"function": function, "kwargs": kwargs, "threads": threads,
+                          "log_level": logging.getLogger("fluxkit").getEffectiveLevel()})
+    child = subprocess.Popen([sys.executable, "-m", "fluxkit.lab.fresh"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                             preexec_fn=_die_with_parent)
+    stdout: list[str] = []
+    last_error = collections.deque(maxlen=1)  # the child's last stderr line that is not a log record
+    readers = [threading.Thread(target=stdout.extend, args=(child.stdout,), daemon=True),
+               threading.Thread(target=_relay, args=(child.stderr, last_error), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        child.stdin.write(request)
+        child.stdin.close()
+    except BrokenPipeError:  # it died before reading: its exit status and stderr say why
+        pass
     try:  # a call that stalls (a compile that never ends) must not take the caller with it
-        run = subprocess.run([sys.executable, "-m", "fluxkit.lab.fresh"], input=request, capture_output=True,
-                             text=True, env=os.environ.copy(), timeout=timeout_s, preexec_fn=_die_with_parent)
+        child.wait(timeout_s)
     except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
         raise FreshProcessError(f"did not finish within {timeout_s:g} s; stopped") from None
-    lines = run.stdout.strip().splitlines()
-    if run.returncode != 0 or not lines:  # a crash the process could not report itself
-        errors = run.stderr.strip().splitlines()
-        raise FreshProcessError(errors[-1] if errors else f"exit {run.returncode}")
+    except BaseException:  # interrupted (Ctrl-C): the measurement must not go on holding the GPU
+        child.kill()
+        raise
+    for reader in readers:
+        reader.join()
+    lines = "".join(stdout).strip().splitlines()
+    if child.returncode != 0 or not lines:  # a crash the process could not report itself
+        raise FreshProcessError(last_error[0] if last_error else f"exit {child.returncode}")
     result = json.loads(lines[-1])
     if isinstance(result, dict) and "error" in result:
         raise FreshProcessError(result["error"])
     return result
+
+
+def _relay(stream: IO[str], last_error: collections.deque) -> None:
+    """The child's stderr: its log records to this process's loggers (and so to the handlers the caller set), every
+    other line kept for the reason of a crash."""
+    for line in stream:
+        if line.startswith(_RECORD_MARK):
+            record = logging.makeLogRecord(json.loads(line[len(_RECORD_MARK):]))
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+        elif line.strip():
+            last_error.append(line.strip())
+
+
+_RECORD_MARK = "\x1efluxkit-record "  # starts a stderr line that is a log record, not a line of a traceback
+
+
+class _RecordLine(logging.Formatter):
+    """A log record as one stderr line, its message already formatted, for `_relay` to rebuild in the caller."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {k: v for k, v in vars(record).items() if k not in ("msg", "args", "exc_info")}
+        fields["msg"] = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            fields["exc_text"] = self.formatException(record.exc_info)
+        return _RECORD_MARK + json.dumps(fields, default=str)
 
 
 def _die_with_parent() -> None:
@@ -59,6 +113,12 @@ def _die_with_parent() -> None:
 
 def _main() -> None:
     request = json.loads(sys.stdin.read())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RecordLine())
+    logger = logging.getLogger("fluxkit")  # this process is fluxkit's own: its logging is set here, once
+    logger.addHandler(handler)
+    logger.setLevel(request["log_level"])
+    logger.propagate = False  # a record reaches the caller once, through `_relay`
     if request.get("threads"):
         import torch
 

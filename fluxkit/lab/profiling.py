@@ -1,12 +1,13 @@
 """VRAM profiles: one loaded model in depth, every placement side by side, and Flux beside the rest of Vortex.
 
 Vortex reads `torch.cuda.memory_allocated()` right after loading Flux in a fresh process, so the
-side-by-side comparison loads each placement in its own subprocess (`python -m fluxkit.profiling`)
+side-by-side comparison loads each placement in its own subprocess (`fluxkit.lab.fresh`)
 and reports it the same way, next to the planner's prediction for it. The co-tenancy check runs the
 same way: its memory cap and ballast belong to the process.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -19,6 +20,8 @@ from ..synthetic import meta_model
 from .bench import DEFAULT_PROMPT, call_prompt, timed_calls
 from .fresh import call_in_fresh_process, reason
 from .metrics import summarize
+
+log = logging.getLogger(__name__)
 
 
 def host_rss() -> int | None:
@@ -191,6 +194,8 @@ def _beside_vortex(model: str, device: str, quantization: str, placement: str, c
             m.generate(prompt if i % 2 else call_prompt(prompt, i), seed=seed + i, output=buffer)
             times.append(time.perf_counter() - t0)
             phases.append(m.last_call.timings)
+            log.info("co-tenancy call %d/%d: %.3f s %s", i + 1, calls, times[-1],  # a run cut short keeps these
+                     " ".join(f"{p} {t:.3f}" for p, t in phases[-1].items()))
     except GenerationError as err:
         return {**row, "outcome": "failed", "call": len(times), "phase": err.phase, "message": str(err)}
     torch.cuda.synchronize(dev)
