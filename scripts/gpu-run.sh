@@ -12,6 +12,7 @@
 #   standin          `fluxkit bench` under vortex on each of STANDIN_SMS ("8 all 16 33 66"; all: the whole card)
 #                    SMs (BENCH_ITERATIONS calls each, plain series)
 #   standin-cotenancy  Vortex's co-tenancy check on STANDIN_COTENANCY_SMS (8) SMs: 100 calls beside the ballast
+#   standin-report   the stand-in report (logs/standin/: JSON, tables, plot) from the two steps above' JSON
 #   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then the same sweep serially
 #   FILE.py          python3 FILE.py
 set -uo pipefail
@@ -64,6 +65,13 @@ for step in "$@"; do
 logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')  # each call's line, as it ends
 print(json.dumps(cotenancy(sys.argv[1], 'cuda', 'nf4', ['auto'], calls=100, sms=int(sys.argv[2]))))" \
         "$CKPT" ${STANDIN_COTENANCY_SMS:-8} > "$LOGS/cotenancy_sms_${STANDIN_COTENANCY_SMS:-8}.json" ;;
+    standin-report)
+      mkdir -p "$LOGS/standin"
+      python3 -c "import json, sys; from pathlib import Path; from fluxkit.lab import standin
+logs = Path(sys.argv[1]); read = lambda f: json.loads(f.read_text())
+data = standin.collect([read(f) for f in sorted(logs.glob('bench_sms_*.json'))],
+                       [row for f in sorted(logs.glob('cotenancy_sms_*.json')) for row in read(f)])
+print(standin.write_report(data, logs / 'standin'))" "$LOGS" ;;
     sweep-ray)
       args=(--model "$CKPT" --device cuda --variants ${SWEEP_VARIANTS:-nf4 int8} --t5 quantized --compile ${SWEEP_COMPILE:-off} --iterations ${SWEEP_ITERATIONS:-10})
       fluxkit -v sweep "${args[@]}" --ray --out "$LOGS/sweep_ray"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from test_estimate import _bench
 
+from fluxkit.errors import InputError
 from fluxkit.lab import plots, standin
 from fluxkit.lab.estimate import cross_check, estimate_from_bench, measured_spec
 from fluxkit.lab.report import STAND_IN_PASS, evaluate_budgets
@@ -110,3 +111,54 @@ def test_validate_judges_the_stand_in_on_its_own_line(run):
     assert verdicts["p99_latency"]["status"] == "not applicable"  # no RTX 3060 was measured
     line = verdicts["p99_latency_stand_in"]
     assert line["status"] == STAND_IN_PASS and line["value"] == 5.1 and "not a measurement" in line["note"]
+
+
+def _slice_bench(whole: dict, sms: int, peaks: dict, total: dict, phases: dict) -> dict:
+    """A slice's `fluxkit bench --sms N --json`, as the bench writes it, with the figures given."""
+    summary = {**{p: {"p50": v} for p, v in phases.items()}, "total": total}
+    return {**whole, "plain": {"summary": summary}, "peaks": peaks,
+            "stand_in": {"sms": sms, "total_sms": 132, "device_name": whole["model"]["device_name"], "peaks": peaks}}
+
+
+def test_a_stand_in_run_from_its_benches_and_the_co_tenancy_check(run, analysis, tmp_path):
+    """`collect` turns the benches' JSON (the whole card's, each slice's) and the co-tenancy check's row into what
+    `analyse` reads: the estimator checked per phase too, and the task's P50/P99/P99.9 beside the rest of Vortex on
+    the slice with the RTX 3060 derived from it phase by phase."""
+    from fluxkit.lab.estimate import setup_from_bench
+
+    whole = {**run["full_card_bench"], "peaks": run["slice_peaks"]["whole_card"]}
+    by_sms = run["slice_peaks"]["by_sms"]
+    projected = {row["sms"]: row["projected_phases_s"] for row in analysis["check"]}
+    benches = [whole] + [_slice_bench(whole, s["sms"], by_sms[str(s["sms"])], {
+        "n": s["calls"], **{k: s[f"{k}_s"] for k in ("p50", "p90", "p99", "p99_9", "mean", "std")}},
+        {p: 1.1 * v for p, v in projected[s["sms"]].items()}) for s in run["slices"]]  # each phase 10% slower
+    phases = {p: {"p50": v, "p99": v + 0.01, "p99_9": v + 0.02} for p, v in projected[8].items()}
+    cotenancy = [{"placement": "vortex", "outcome": "ran", "calls": 100, "cap_gb": 11.8, "resident_bytes": 5.551e9,
+                  "process_peak_reserved_bytes": 11.641e9, "drift_bytes": 0, "cap_kept": True,
+                  "stand_in": {"sms": 8, "total_sms": 132, "device_name": "NVIDIA H200", "peaks": by_sms["8"]},
+                  "latency": {"p50": 2.437, "p99": 2.496, "p99_9": 2.51}, "phases": phases}]
+    text = standin.write_report(standin.collect(benches, cotenancy), tmp_path)
+    data = json.loads((tmp_path / "standin.json").read_text())
+    result = standin.analyse(data)
+    for row, committed in zip(result["check"], analysis["check"]):
+        assert row["projected_p50_s"] == pytest.approx(committed["projected_p50_s"])
+        assert row["phase_errors"] == pytest.approx({p: 1 / 1.1 - 1 for p in row["phase_errors"]})
+    card = result["beside_vortex"]["rtx3060"]
+    for link in standin.RTX3060.values():  # the same slice, the co-tenancy's P50 in place of the bench's
+        assert card[link]["p50_s"] / result["rtx3060"][link]["p50_s"] == pytest.approx(2.437 / 2.4451)
+        assert card[link]["p99_9_s"] - card[link]["p50_s"] == pytest.approx(2.51 - 2.437)
+    # each phase measured as projected on the slice: on the 3060, each is the projection to the 3060 itself
+    meta, preset, placement, plan = setup_from_bench(whole, "test")
+    to_3060 = estimate_from_bench(whole, meta, preset, placement, plan, ["rtx3060"], measured_spec(whole))
+    assert {p: t["p50_s"] for p, t in card["PCIe 4.0 x16"]["phases_s"].items()} == pytest.approx(
+        {p: to_3060["phases"][p]["projected_s"]["rtx3060"] for p in phases})
+    assert card["PCIe 4.0 x16"]["phases_s"]["denoise"]["p99_s"] - card["PCIe 4.0 x16"]["phases_s"]["denoise"][
+        "p50_s"] == pytest.approx(0.01)
+    assert text == standin.markdown(result) == (tmp_path / "standin.md").read_text()
+    assert "Beside the rest of Vortex on 8 SMs (100 calls, 11.8 GB cap): 5.551 GB resident" in text
+    assert "| denoise | " in text and "| text_encode error |" in text
+    assert (tmp_path / "standin.png").stat().st_size > 10_000
+    with pytest.raises(InputError, match="needs one whole-card bench"):
+        standin.collect(benches[1:])
+    with pytest.raises(InputError, match="the 8-SM slice's bench"):
+        standin.collect([b for b in benches if b.get("stand_in", {}).get("sms") != 8])

@@ -248,25 +248,31 @@ def sweep_weights(result: dict, out_dir=None):
 
 def standin(data: dict, analysis: dict, out_dir=None):
     """P50 and P99 against the SMs a run had: measured on slices of one GPU, and projected there from the whole
-    card's run; the RTX 3060 derived from the 8-SM slice beside (a stand-in measurement scaled). `analysis`:
-    `fluxkit.lab.standin.analyse(data)`."""
+    card's run; beside the rest of Vortex where the co-tenancy check ran on a slice; the RTX 3060 derived from the
+    8-SM slice (a stand-in measurement scaled). `analysis`: `fluxkit.lab.standin.analyse(data)`."""
     rows = analysis["check"]
     whole = data["full_card_bench"]["plain"]["summary"]["total"]
-    total_sms = data["full_card_bench"].get("stand_in", {}).get("total_sms", 132)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    sms = [r["sms"] for r in rows] + [total_sms]
+    sms = [r["sms"] for r in rows] + [data["total_sms"]]
     for key, style, label in (("p50", "o", "P50"), ("p99", "s", "P99")):
         ax.plot(sms, [r[f"measured_{key}_s"] for r in rows] + [whole[key]], style, label=f"{label} measured")
         ax.plot([r["sms"] for r in rows], [r[f"projected_{key}_s"] for r in rows], style + "--", fillstyle="none",
                 label=f"{label} projected from the whole card")
-    card = analysis["rtx3060"]
-    for link, marker in zip(("PCIe 4.0 x16", "PCIe 3.0 x16"), ("*", "x")):
-        low, high = card[link]["p99_spread_s"]
-        ax.errorbar([4], [card[link]["p99_s"]], yerr=[[card[link]["p99_s"] - low], [high - card[link]["p99_s"]]],
-                    fmt=marker, capsize=4, label=f"RTX 3060 P99 from 8 SMs ({link}): a stand-in scaled")
+    cards = [("", analysis["rtx3060"], 4)]
+    if "beside_vortex" in analysis:
+        run = analysis["beside_vortex"]
+        ax.plot([run["sms"]] * 2, [run["measured"]["total"]["p50"], run["measured"]["total"]["p99"]], "D",
+                fillstyle="none", label=f"P50 and P99 beside the rest of Vortex ({run['calls']} calls)")
+        cards.append((" beside Vortex", run["rtx3060"], 3.6))
+    for where, card, x in cards:
+        for link, marker in zip(("PCIe 4.0 x16", "PCIe 3.0 x16"), ("*", "x")):
+            low, high = card[link]["p99_spread_s"]
+            ax.errorbar([x], [card[link]["p99_s"]], yerr=[[card[link]["p99_s"] - low], [high - card[link]["p99_s"]]],
+                        fmt=marker, capsize=4, label=f"RTX 3060 P99 from {card['from_sms']} SMs{where} ({link}): "
+                                                     "a stand-in scaled")
     ax.set_xscale("log", base=2)
     ax.set_xticks([4] + sms, ["3060"] + [str(s) for s in sms])
-    ax.set_xlabel("SMs of the H200 (green context)")
+    ax.set_xlabel(f"SMs of the {data['full_card_bench']['model']['device_name']} (green context)")
     ax.set_ylabel("seconds per 512x512 image")
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "standin")
