@@ -13,7 +13,8 @@
 #                    SMs (BENCH_ITERATIONS calls each, plain series)
 #   standin-cotenancy  Vortex's co-tenancy check on STANDIN_COTENANCY_SMS (8) SMs: 100 calls beside the ballast
 #   standin-report   the stand-in report (logs/standin/: JSON, tables, plot) from the two steps above' JSON
-#   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then the same sweep serially
+#   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then (SWEEP_SERIAL=1) the same
+#                    sweep serially, and where their rows differ beyond timing
 #   FILE.py          python3 FILE.py
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])" 2>/dev/null)
@@ -75,7 +76,12 @@ print(standin.write_report(data, logs / 'standin'))" "$LOGS" ;;
     sweep-ray)
       args=(--model "$CKPT" --device cuda --variants ${SWEEP_VARIANTS:-nf4 int8} --t5 quantized --compile ${SWEEP_COMPILE:-off} --iterations ${SWEEP_ITERATIONS:-10})
       fluxkit -v sweep "${args[@]}" --ray --out "$LOGS/sweep_ray"
-      [ -n "${SWEEP_SERIAL:-}" ] && fluxkit -v sweep "${args[@]}" --out "$LOGS/sweep_serial" ;;
+      if [ -n "${SWEEP_SERIAL:-}" ]; then
+        fluxkit -v sweep "${args[@]}" --out "$LOGS/sweep_serial"
+        python3 -c "import sys; from fluxkit.lab.sweep import content_differences, load_result
+ray, serial = (load_result(f'{sys.argv[1]}/sweep_{way}/sweep.json')['rows'] for way in ('ray', 'serial'))
+print('ray against serial, beyond timing:', content_differences(ray, serial) or 'the same rows')" "$LOGS"
+      fi ;;
     *.py) python3 "$step" ;;
     *) echo "unknown step $step"; continue ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]\|IPKernelApp\|Loading weights" > "$LOGS/$name.log"

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fluxkit.lab.sweep import Variant, sweep, variants
+from fluxkit.lab.sweep import Variant, content_differences, sweep, variants
 from helpers import run_main
 
 ray = pytest.importorskip("ray")
 
-TIMING = {"latency", "load_s", "load_stages_s", "weights_load_s", "compile_s", "gguf_write_s", "prequantized",
-          "ran_on"}
 PROMPTS = [{"name": "cat", "prompt": "a cat on a red roof", "seed": 3}]
 
 
@@ -35,10 +33,6 @@ def clip():
     from fluxkit.lab.metrics import load_clip
 
     return load_clip("ViT-B-32", "openai")
-
-
-def _content(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIMING}
 
 
 def _fresh_processes() -> list[int]:
@@ -71,7 +65,7 @@ def test_the_ray_sweep_gives_the_serial_rows_even_when_a_worker_is_lost(tiny_dir
     serial = sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=PROMPTS)
     on_ray = result["rows"]
     assert [r["variant"] for r in on_ray] == [v.name for v in chosen]
-    assert [_content(r) for r in on_ray] == [_content(r) for r in serial["rows"]]
+    assert content_differences(on_ray, serial["rows"]) == []
     assert on_ray[1]["fidelity"] == serial["rows"][1]["fidelity"]  # the same images, bit for bit
     assert sorted(r["ran_on"]["attempt"] for r in on_ray) == [1, 2]  # the lost one ran once more, the other once
     assert all(r["ran_on"]["node"] and r["ran_on"]["node_id"] for r in on_ray)

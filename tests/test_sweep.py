@@ -14,6 +14,7 @@ from fluxkit.lab.prompts import read_prompts, reference_prompts
 from fluxkit.lab.sweep import (
     Variant,
     compile_axis,
+    content_differences,
     fits,
     load_result,
     load_times,
@@ -100,6 +101,22 @@ def test_load_times_with_quantize_on_load_and_from_a_prequantized_folder(result)
     assert set(table) == set(rows)
     assert table["nf4@resident"]["prequantized_s"] == round(rows["nf4@resident"]["prequantized"]["weights_s"], 3)
     assert isinstance(table["int8@resident"]["prequantized_s"], str)  # the reason
+
+
+def test_two_sweeps_compared_beyond_their_timing(result):
+    """What a sweep on Ray is checked by against the serial one: every column but timing and placement of the run."""
+    import copy
+
+    rows = result["rows"]
+    other = copy.deepcopy(rows[1:])  # the reference's row missing
+    other[0]["latency"]["p50"] *= 2  # timing: may differ
+    other[0]["ran_on"] = {"node": "elsewhere"}
+    other[1]["fidelity"]["psnr_db"] += 0.5  # a result: may not
+    other[2]["resident_bytes"] = 1
+    assert content_differences(rows[1:], copy.deepcopy(rows[1:])) == []
+    assert content_differences(rows, other) == [f"{rows[0]['variant']}: only in the first",
+                                                f"{rows[2]['variant']}: fidelity",
+                                                f"{rows[3]['variant']}: resident_bytes"]
 
 
 def test_the_fits_table_and_the_csv(result, tmp_path):

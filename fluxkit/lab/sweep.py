@@ -277,6 +277,27 @@ def load_result(path: str | Path) -> dict:
     return from_jsonable(json.loads(Path(path).read_text()))
 
 
+# What times a variant's run, or says where it ran: the only columns a rerun of the same sweep, on Ray or not, on the
+# same kind of card, may change.
+TIMING_COLUMNS = frozenset({"latency", "load_s", "load_stages_s", "weights_load_s", "compile_s", "gguf_write_s",
+                            "prequantized", "ran_on"})
+
+
+def content_differences(rows: list[dict], other: list[dict]) -> list[str]:
+    """Where two sweeps' rows differ in anything but timing (`TIMING_COLUMNS`): "variant: column" for each, and a
+    variant that only one of them has. Empty: the same results."""
+    by_name = {r["variant"]: r for r in other}
+    found = [f"{name}: only in the second" for name in by_name.keys() - {r["variant"] for r in rows}]
+    for row in rows:
+        twin = by_name.get(row["variant"])
+        if twin is None:
+            found.append(f"{row['variant']}: only in the first")
+            continue
+        found += [f"{row['variant']}: {column}" for column in sorted((row.keys() | twin.keys()) - TIMING_COLUMNS)
+                  if row.get(column) != twin.get(column)]
+    return found
+
+
 def fits(result: dict, budget_gb: float) -> dict:
     """Which variants fit a GPU budget (peak reserved, or the plan's resident bytes where memory was not measured),
     and the fastest of those."""
