@@ -74,6 +74,8 @@ data = standin.collect([read(f) for f in sorted(logs.glob('bench_sms_*.json'))],
                        [row for f in sorted(logs.glob('cotenancy_sms_*.json')) for row in read(f)])
 print(standin.write_report(data, logs / 'standin'))" "$LOGS" ;;
     sweep-ray)
+      # Ray arrives in the device calls after the one that started the run (scripts/ray-parts.sh): wait for it
+      for _ in $(seq 60); do python3 -c "import ray" 2>/dev/null && break; sleep 5; done
       args=(--model "$CKPT" --device cuda --variants ${SWEEP_VARIANTS:-nf4 int8} --t5 quantized --compile ${SWEEP_COMPILE:-off} --iterations ${SWEEP_ITERATIONS:-10})
       fluxkit -v sweep "${args[@]}" --ray --out "$LOGS/sweep_ray"
       if [ -n "${SWEEP_SERIAL:-}" ]; then
