@@ -162,6 +162,16 @@ def test_a_variant_that_stalls_is_stopped(tiny_dir, tmp_path):
     assert time.perf_counter() - start < 30  # stopped at its limit, not run to the end
 
 
+def test_a_stopped_process_says_where_its_threads_were(caplog):
+    """A measurement stopped at its time limit writes its threads' stacks first: where a stalled run stalled."""
+    from fluxkit.lab.fresh import FreshProcessError, call_in_fresh_process
+
+    with pytest.raises(FreshProcessError, match="did not finish within 10 s; stopped"):
+        call_in_fresh_process("subprocess:run", {"args": ["sleep", "20"]}, timeout_s=10)
+    [stopped] = [r.getMessage() for r in caplog.records if "stopped after 10 s" in r.getMessage()]
+    assert "subprocess.py" in stopped and "in run" in stopped and "fresh.py" in stopped, stopped
+
+
 def test_a_variant_process_that_fails_gives_its_whole_reason_and_its_log(tiny_dir, tmp_path, caplog):
     """The fresh-process path keeps the error itself, not the last line of a traceback (a multi-line compile error
     once kept only " Remedy: ..."), and hands the process's log records to this one's logging, as made (a run cut

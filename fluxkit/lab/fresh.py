@@ -11,16 +11,23 @@ taken back) leaves in its log what it had done.
 from __future__ import annotations
 
 import collections
+import faulthandler
 import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import IO
 
 from ..errors import FluxkitError, one_line
+
+log = logging.getLogger(__name__)
+STACKS_WAIT_S = 3.0  # for a stalled process to write its stacks, then for its pipes to close
+_STACKS_SIGNAL = getattr(signal, "SIGUSR1", None)  # none on Windows
 
 
 class FreshProcessError(RuntimeError):
@@ -44,9 +51,9 @@ def call_in_fresh_process(function: str, kwargs: dict, timeout_s: float | None =
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
                              preexec_fn=_die_with_parent)
     stdout: list[str] = []
-    last_error = collections.deque(maxlen=1)  # the child's last stderr line that is not a log record
+    stderr = collections.deque(maxlen=200)  # the child's last stderr lines that are not log records
     readers = [threading.Thread(target=stdout.extend, args=(child.stdout,), daemon=True),
-               threading.Thread(target=_relay, args=(child.stderr, last_error), daemon=True)]
+               threading.Thread(target=_relay, args=(child.stderr, stderr), daemon=True)]
     for reader in readers:
         reader.start()
     try:
@@ -57,8 +64,16 @@ def call_in_fresh_process(function: str, kwargs: dict, timeout_s: float | None =
     try:  # a call that stalls (a compile that never ends) must not take the caller with it
         child.wait(timeout_s)
     except subprocess.TimeoutExpired:
+        stderr.clear()
+        if _STACKS_SIGNAL is not None:  # its threads' stacks, before it goes: where a stalled run stalled
+            child.send_signal(_STACKS_SIGNAL)
+            time.sleep(STACKS_WAIT_S)
         child.kill()
         child.wait()
+        for reader in readers:
+            reader.join(STACKS_WAIT_S)  # a process it started may hold the pipes open
+        log.warning("%s stopped after %g s; its threads were at:\n%s", function, timeout_s,
+                    "\n".join(stderr) or "(no stacks written: it had not reached the call)")
         raise FreshProcessError(f"did not finish within {timeout_s:g} s; stopped") from None
     except BaseException:  # interrupted (Ctrl-C): the measurement must not go on holding the GPU
         child.kill()
@@ -67,16 +82,16 @@ def call_in_fresh_process(function: str, kwargs: dict, timeout_s: float | None =
         reader.join()
     lines = "".join(stdout).strip().splitlines()
     if child.returncode != 0 or not lines:  # a crash the process could not report itself
-        raise FreshProcessError(last_error[0] if last_error else f"exit {child.returncode}")
+        raise FreshProcessError(stderr[-1] if stderr else f"exit {child.returncode}")
     result = json.loads(lines[-1])
     if isinstance(result, dict) and "error" in result:
         raise FreshProcessError(result["error"])
     return result
 
 
-def _relay(stream: IO[str], last_error: collections.deque) -> None:
+def _relay(stream: IO[str], stderr: collections.deque) -> None:
     """The child's stderr: its log records to this process's loggers (and so to the handlers the caller set), every
-    other line kept for the reason of a crash."""
+    other line kept for the reason of a crash or the stacks of a stall."""
     for line in stream:
         if line.startswith(_RECORD_MARK):
             record = logging.makeLogRecord(json.loads(line[len(_RECORD_MARK):]))
@@ -84,7 +99,7 @@ def _relay(stream: IO[str], last_error: collections.deque) -> None:
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)
         elif line.strip():
-            last_error.append(line.strip())
+            stderr.append(line.rstrip())
 
 
 _RECORD_MARK = "\x1efluxkit-record "  # starts a stderr line that is a log record, not a line of a traceback
@@ -106,12 +121,13 @@ def _die_with_parent() -> None:
     stopped or a Ray worker lost leaves no measurement holding the GPU."""
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _main() -> None:
+    if _STACKS_SIGNAL is not None:  # asked for by the caller of a stalled run
+        faulthandler.register(_STACKS_SIGNAL, all_threads=True)
     request = json.loads(sys.stdin.read())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_RecordLine())

@@ -110,13 +110,13 @@ def measure_placement(model: str, device: str, quantization: str, placement: str
     return result
 
 
-def _in_fresh_process(function: str, kwargs: dict) -> dict:
-    """On a GPU, in a fresh process: the memory Vortex reads after loading is that process's own. On a CPU, where no
-    device memory is read, in this one."""
+def _in_fresh_process(function: str, kwargs: dict, timeout_s: float | None = None) -> dict:
+    """On a GPU, in a fresh process (stopped after `timeout_s`): the memory Vortex reads after loading is that
+    process's own. On a CPU, where no device memory is read, in this one."""
     try:
         if not _on_gpu(kwargs["device"]):
             return globals()[function](**kwargs)
-        return call_in_fresh_process(f"fluxkit.lab.profiling:{function}", kwargs)
+        return call_in_fresh_process(f"fluxkit.lab.profiling:{function}", kwargs, timeout_s)
     except (FluxkitError, RuntimeError) as err:
         return {"placement": kwargs["placement"], "error": reason(err)}
 
@@ -207,10 +207,11 @@ def _beside_vortex(model: str, device: str, quantization: str, placement: str, c
 
 
 def cotenancy(model: str, device: str, quantization: str, placements: list[str], calls: int = 100,
-              seed: int = 0, sms: int | None = None) -> list[dict]:
-    """`beside_vortex` for each placement, each in a fresh Python process (on a CPU, each row says why not)."""
+              seed: int = 0, sms: int | None = None, timeout_s: float | None = None) -> list[dict]:
+    """`beside_vortex` for each placement, each in a fresh Python process stopped after `timeout_s` (its row then
+    says so, and the log where it stalled); on a CPU, each row says why not."""
     return [_in_fresh_process("beside_vortex", dict(model=str(model), device=device, quantization=quantization,
-                                                    placement=placement, calls=calls, seed=seed, sms=sms))
+                                                    placement=placement, calls=calls, seed=seed, sms=sms), timeout_s)
             for placement in placements]
 
 
