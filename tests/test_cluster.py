@@ -35,12 +35,23 @@ def clip():
     return load_clip("ViT-B-32", "openai")
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _fresh_processes() -> list[int]:
+    """The fresh processes of this test's Ray workers: under this process (which started the local cluster), not
+    directly (another test file's, on another pytest worker, must not be taken for one)."""
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            if b"fluxkit.lab.fresh" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(int(pid))
+            if b"fluxkit.lab.fresh" not in Path(f"/proc/{pid}/cmdline").read_bytes() or _parent(pid) == os.getpid():
+                continue
+            ancestor = pid
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = _parent(ancestor)
+            if ancestor == os.getpid():
+                found.append(pid)
         except OSError:
             continue
     return found
@@ -59,7 +70,7 @@ def test_the_ray_sweep_gives_the_serial_rows_even_when_a_worker_is_lost(tiny_dir
     while not _fresh_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     child = _fresh_processes()[0]
-    worker = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the child's parent
+    worker = _parent(child)
     os.kill(worker, signal.SIGKILL)
     thread.join(timeout=300)
     serial = sweep(str(tiny_dir), "cpu", chosen, clip, iterations=2, prompts=PROMPTS)
