@@ -12,7 +12,7 @@
 #   standin          `fluxkit bench` under vortex on each of STANDIN_SMS ("8 all 16 33 66"; all: the whole card)
 #                    SMs (BENCH_ITERATIONS calls each, plain series)
 #   standin-cotenancy  Vortex's co-tenancy check on STANDIN_COTENANCY_SMS (8) SMs: 100 calls beside the ballast
-#                    (a call took 2.4 s there in a 50-call run; stopped after 15 min, its threads' stacks logged)
+#                    (a call took 2.4 s there in a 50-call run; stopped after 10 min, its threads' stacks logged)
 #   standin-report   the stand-in report (logs/standin/: JSON, tables, plot) from the two steps above' JSON
 #   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then (SWEEP_SERIAL=1) the same
 #                    sweep serially, and where their rows differ beyond timing
@@ -65,7 +65,7 @@ for step in "$@"; do
     standin-cotenancy)
       python3 -c "import json, logging, sys; from fluxkit.lab.profiling import cotenancy
 logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')  # each call's line, as it ends
-print(json.dumps(cotenancy(sys.argv[1], 'cuda', 'nf4', ['auto'], calls=100, sms=int(sys.argv[2]), timeout_s=900)))" \
+print(json.dumps(cotenancy(sys.argv[1], 'cuda', 'nf4', ['auto'], calls=100, sms=int(sys.argv[2]), timeout_s=600)))" \
         "$CKPT" ${STANDIN_COTENANCY_SMS:-8} > "$LOGS/cotenancy_sms_${STANDIN_COTENANCY_SMS:-8}.json" ;;
     standin-report)
       mkdir -p "$LOGS/standin"
