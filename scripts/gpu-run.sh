@@ -79,6 +79,9 @@ print(standin.write_report(data, logs / 'standin'))" "$LOGS" ;;
       for _ in $(seq 60); do python3 -c "import ray" 2>/dev/null && break; sleep 5; done
       args=(--model "$CKPT" --device cuda --variants ${SWEEP_VARIANTS:-nf4 int8} --t5 quantized --compile ${SWEEP_COMPILE:-off} --iterations ${SWEEP_ITERATIONS:-10})
       fluxkit -v sweep "${args[@]}" --ray --out "$LOGS/sweep_ray"
+      # what the variants' processes logged on Ray's workers (a stopped one's stacks among it): the workers' own logs
+      mkdir -p "$LOGS/sweep_ray/workers"; grep -l fluxkit /tmp/ray/session_latest/logs/worker-*.err 2>/dev/null \
+        | xargs -r cp -t "$LOGS/sweep_ray/workers"
       if [ -n "${SWEEP_SERIAL:-}" ]; then
         fluxkit -v sweep "${args[@]}" --out "$LOGS/sweep_serial"
         python3 -c "import sys; from fluxkit.lab.sweep import content_differences, load_result
