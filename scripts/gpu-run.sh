@@ -13,7 +13,7 @@
 #                    SMs (BENCH_ITERATIONS calls each, plain series)
 #   standin-cotenancy  Vortex's co-tenancy check on STANDIN_COTENANCY_SMS (8) SMs: 100 calls beside the ballast
 #                    (a call took 2.4 s there in a 50-call run; stopped after 10 min, its threads' stacks logged)
-#   standin-report   the stand-in report (logs/standin/: JSON, tables, plot) from the two steps above' JSON
+#   standin-report   the stand-in report (logs/standin/: JSON, tables, plot) from the JSON of the two steps above
 #   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then (SWEEP_SERIAL=1) the same
 #                    sweep serially, and where their rows differ beyond timing
 #   FILE.py          python3 FILE.py
