@@ -115,7 +115,7 @@ def test_validate_judges_the_stand_in_on_its_own_line(run):
 
 def _slice_bench(whole: dict, sms: int, peaks: dict, total: dict, phases: dict) -> dict:
     """A slice's `fluxkit bench --sms N --json`, as the bench writes it, with the figures given."""
-    summary = {**{p: {"p50": v} for p, v in phases.items()}, "total": total}
+    summary = {**{p: {"p50": v, "p99": v} for p, v in phases.items()}, "total": total}
     return {**whole, "plain": {"summary": summary}, "peaks": peaks,
             "stand_in": {"sms": sms, "total_sms": 132, "device_name": whole["model"]["device_name"], "peaks": peaks}}
 

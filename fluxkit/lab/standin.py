@@ -160,7 +160,10 @@ def collect(benches: list[dict], cotenancy: list[dict] | None = None) -> dict:
     """A stand-in run, what `analyse` reads, from `fluxkit bench --json` results (the whole card's, without `--sms`,
     and each slice's) and, where it ran, the co-tenancy check on a slice (`profiling.cotenancy(..., sms=N)`)."""
     from ..sampling import PHASES
+    from .estimate import check_bench
 
+    for b in benches:
+        check_bench(b, f"the bench on {b['stand_in']['sms']} SMs" if b.get("stand_in") else "the whole card's bench")
     whole = [b for b in benches if not b.get("stand_in")]
     if len(whole) != 1:
         raise InputError(f"a stand-in run needs one whole-card bench (without --sms), got {len(whole)}")
