@@ -95,6 +95,9 @@ def test_metrics_follow_the_schema_and_say_synthetic(report):
     assert {r["variant"] for r in metrics["sweep"]["rows"]} >= {"bf16@resident", "nf4@resident", "nf4+t5-bf16@resident"}
     summary = (out_dir / "summary.md").read_text()
     assert summary.splitlines()[2].startswith("- Weights: SYNTHETIC") and "placement `resident`" in summary
+    na = list(verdicts.values()).count("not applicable")  # a pass says how little of the task it judged
+    assert (f"Overall: **pass** ({len(verdicts) - na} of {len(verdicts)} budgets judged here, 0 failed; {na} not "
+            "applicable on this run") in summary
     metrics["budgets"][0]["status"] = "passed-ish"
     with pytest.raises(Exception, match="passed-ish"):
         validate_metrics(metrics)
@@ -235,5 +238,7 @@ def test_a_failing_notebook_is_saved_and_its_report_replaces_the_earlier_one_who
     assert set(metrics["notebooks"].values()) == {"failed"} and metrics["verdict"] == "fail"
     assert all((out_dir / f"{nb}.ipynb").is_file() and (out_dir / f"{nb}.html").is_file()
                for nb in validate_module.NOTEBOOKS)
-    assert not (out_dir / "vram.json").exists() and "Overall: **fail**" in (out_dir / "summary.md").read_text()
+    summary = (out_dir / "summary.md").read_text()
+    assert not (out_dir / "vram.json").exists() and "Overall: **fail**" in summary
+    assert f"; notebooks not ok: {', '.join(validate_module.NOTEBOOKS)})" in summary
     assert not (out_dir / validate_module.RUN_FILE).exists()

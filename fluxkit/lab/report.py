@@ -210,8 +210,21 @@ def summary_markdown(metrics: dict) -> str:
                 s = lat[series]["summary"]["total"]
                 lines.append(f"| {series} | {s['n']} | {s['p50']:.4f} | {s['p90']:.4f} | {s['p99']:.4f} | "
                              f"{s['p99_9']:.4f} | {s['mean']:.4f} | {s['std']:.4f} | {len(s['outliers'])} |")
-    lines += ["", f"Overall: **{metrics['verdict']}**", ""]
+    lines += ["", f"Overall: **{metrics['verdict']}** ({overall_scope(metrics)})", ""]
     return "\n".join(lines)
+
+
+def overall_scope(metrics: dict) -> str:
+    """What the overall verdict covers: a pass on a CPU or a tiny checkpoint judged few budgets, and says so (a
+    stand-in line is judged apart and counts in neither)."""
+    counts = {s: sum(v["status"] == s for v in metrics["budgets"]) for s in (PASS, FAIL, NA)}
+    scope = f"{counts[PASS] + counts[FAIL]} of {sum(counts.values())} budgets judged here, {counts[FAIL]} failed"
+    if counts[NA]:
+        scope += f"; {counts[NA]} not applicable on this run (see why above)"
+    failed = [nb for nb, status in metrics["notebooks"].items() if status != "ok"]
+    if failed:
+        scope += f"; notebooks not ok: {', '.join(failed)}"
+    return scope
 
 
 def validate_metrics(metrics: dict) -> None:
