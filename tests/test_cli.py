@@ -65,6 +65,10 @@ def _user_errors(tmp_path, tiny_dir):
         "unknown placement": (gen + ["--placement", "gpu", "--out", ok_png], "argument --placement: invalid choice"),
         "bad device": (gen[:-2] + ["--device", "gpu", "--out", ok_png], "argument --device"),
         "unknown clip": (["validate", "--clip-pretrained", "nope"], "unknown to open_clip"),
+        "a placement twice": (["validate", "--placements", "resident", "resident"], "names resident more than once"),
+        "a later placement without references": (  # refused before the first placement's notebooks run
+            ["validate", "--model", str(tiny_dir), "--device", "cpu", "--placements", "resident", "vortex",
+             "--out-root", str(tmp_path / "reports")], "no reference images"),
         "synth into a file": (["synth", "--out", str(tmp_path / "x.jpg")], "exists and is not a folder"),
         "plain pattern of a torchao preset": (["bench", "--baseline", "plain", "--quantization", "torchao-int8wo"],
                                               "bitsandbytes quantizer"),
@@ -88,7 +92,7 @@ def test_user_errors_are_one_line_with_exit_2_before_any_load(tiny_dir, tmp_path
         assert code == 2, (case, err)
         assert len(lines) == 1 and lines[0].startswith("fluxkit: error: "), (case, err)
         assert expected in lines[0], (case, lines[0])
-        assert not (tmp_path / "x.png").exists(), case
+        assert not (tmp_path / "x.png").exists() and not (tmp_path / "reports").exists(), case
 
 
 def test_missing_or_damaged_weights_are_one_line_too(tiny_dir, tmp_path):

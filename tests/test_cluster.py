@@ -1,5 +1,8 @@
-"""The sweep on a Ray cluster (`fluxkit sweep --ray`): a local cluster with two workers on this machine's CPUs runs
-the tiny checkpoint's sweep, each variant a task in a fresh process, with the serial sweep's rows."""
+"""Sweeps and validations on a Ray cluster (`--ray`): a local cluster with two workers on this machine's CPUs (and two
+GPUs declared, which this process cannot use) runs the tiny checkpoint's sweep, each variant a task in a fresh
+process, with the serial sweep's rows, and one `validate` report per placement."""
+import json
+import logging
 import os
 import signal
 import sys
@@ -9,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from fluxkit.errors import InputError
+from fluxkit.lab.cluster import task_resources, validate_on_ray
 from fluxkit.lab.sweep import Variant, content_differences, sweep, variants
-from helpers import run_main
+from helpers import FAST_VALIDATE, run_main
 
 ray = pytest.importorskip("ray")
 
@@ -19,11 +24,17 @@ PROMPTS = [{"name": "cat", "prompt": "a cat on a red roof", "seed": 3}]
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local cluster (two workers: this machine's two CPUs) for the module: each sweep joins it."""
+    """One local cluster for the module, each sweep joins it: two workers (this machine's two CPUs) and two GPUs
+    declared the way Ray's autoscaler declares a node's resources, which this process cannot use: a driver on a
+    cluster's head node without a GPU."""
     from fluxkit.lab.cluster import connect
 
-    assert connect("local")
-    assert ray.cluster_resources().get("CPU", 0) >= 2
+    os.environ["RAY_OVERRIDE_RESOURCES"] = '{"GPU": 2}'
+    try:
+        assert connect("local")
+    finally:
+        del os.environ["RAY_OVERRIDE_RESOURCES"]
+    assert ray.cluster_resources().get("CPU", 0) >= 2 and ray.cluster_resources()["GPU"] == 2
     yield
     ray.shutdown()
 
@@ -91,6 +102,39 @@ def test_variants_that_fail_or_run_out_of_time_keep_their_rows(tiny_dir, cluster
     [stalled] = sweep(str(tiny_dir), "cpu", [Variant("nf4", True, "resident")], clip, iterations=1, prompts=PROMPTS,
                       variant_timeout_s=0.5, ray="auto")["rows"]
     assert "did not finish within 0.5 s" in stalled["skipped"] and stalled["variant"] == "nf4@resident"
+
+
+def test_a_cluster_with_gpus_gets_the_variants_though_this_process_has_none(tiny_dir, cluster, clip):
+    """Each variant asks for one GPU, the two run at once on the two GPUs, each row names its own; the tasks' CUDA is
+    this machine's (none), so the variants run on its CPUs, eager."""
+    rows = sweep(str(tiny_dir), "auto", variants(["nf4"], t5=(True,)), clip, iterations=1, prompts=PROMPTS,
+                 compiled=(False,), ray="auto")["rows"]
+    assert sorted(r["ran_on"]["gpu_ids"] for r in rows) == [["0"], ["1"]]
+    assert [r["variant"] for r in rows] == ["bf16+eager@resident", "nf4+eager@resident"]
+    assert all("skipped" not in r for r in rows)
+    with pytest.raises(InputError, match="--device cuda:1 with --ray: .* use --device cuda"):
+        sweep(str(tiny_dir), "cuda:1", variants(["nf4"], t5=(True,)), clip, prompts=PROMPTS, ray="auto")
+
+
+def test_validate_on_ray_brings_back_each_report_and_goes_on_past_one_that_cannot_run(tiny_dir, cluster, tmp_path,
+                                                                                      caplog):
+    fast = {k: v for k, v in FAST_VALIDATE.items() if k != "progress"}
+    runs = [dict(fast, model=str(tiny_dir), placement=p, name=f"tiny-{p}", iterations=1) for p in ("vortex", "resident")]
+    with caplog.at_level(logging.ERROR, logger="fluxkit.lab.cluster"):
+        reports = validate_on_ray("auto", runs, tmp_path / "reports")
+    assert reports[0] == (None, 2)  # the tiny checkpoint has no references for vortex; checked on the worker
+    assert "validate --placement vortex did not run" in caplog.text and "no reference images" in caplog.text
+    assert reports[1] == (tmp_path / "reports" / "tiny-resident", 0)
+    metrics = json.loads((reports[1][0] / "metrics.json").read_text())
+    assert metrics["verdict"] == "pass" and set(metrics["notebooks"].values()) == {"ok"}
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["tiny-resident"]  # nothing else unpacked or left
+
+
+def test_what_a_task_asks_ray_for():
+    assert task_resources("auto", 2) == task_resources("cuda", 1) == {"num_gpus": 1}
+    assert task_resources("auto", 0) == task_resources("cpu", 8) == {"num_cpus": 1}
+    with pytest.raises(InputError, match="the Ray cluster has no GPU; join nodes that have one"):
+        task_resources("cuda", 0)
 
 
 def test_without_ray_the_extra_is_named(monkeypatch, tmp_path):

@@ -71,28 +71,32 @@ def validate(args: argparse.Namespace) -> int:
     if args.ray:
         require_extra("fluxkit validate --ray", "ray", "ray")
     from ..lab.metrics import check_clip_name
-    from ..lab.validate import validate
+    from ..lab.validate import execute, prepare
 
     check_clip_name(args.clip_model, args.clip_pretrained)
     if args.placements and args.placement:
         raise InputError("--placement and --placements: give one (--placements runs one report per placement)")
     if args.ray and not args.placements:
         raise InputError("--ray runs one report per placement: name them with --placements")
+    twice = sorted({p for p in args.placements or () if args.placements.count(p) > 1})
+    if twice:
+        raise InputError(f"--placements names {', '.join(twice)} more than once: each is one report")
     runs = [dict(model=args.model, device=args.device, quantization=args.quantization, placement=placement,
                  name=f"{args.name}-{placement}" if args.name and args.placements else args.name,
                  iterations=args.iterations, drift_calls=args.drift_calls, seed=args.seed,
                  clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, baseline=args.baseline,
                  sweep_presets=args.sweep_presets, resume=args.resume, sms=args.sms)
             for placement in (args.placements or [args.placement])]
-    if args.ray:
+    if args.ray:  # each run's inputs are checked on its worker, where its device is
         from ..lab.cluster import validate_on_ray
 
         reports = validate_on_ray(args.ray, runs, args.out_root)
-    else:
-        reports = [validate(**run, out_root=args.out_root) for run in runs]
+    else:  # every run's inputs checked before the first notebook of any
+        reports = [execute(run) for run in [prepare(**run, out_root=args.out_root) for run in runs]]
     for out_dir, _ in reports:
-        print((out_dir / "summary.md").read_text())
-        print(f"report: {out_dir}")
+        if out_dir is not None:  # None: a run on Ray that did not start, its reason logged
+            print((out_dir / "summary.md").read_text())
+            print(f"report: {out_dir}")
     return max(code for _, code in reports)
 
 

@@ -56,9 +56,21 @@ def connect(address: str) -> bool:
     return False
 
 
+def task_resources(device: str, cluster_gpus: float) -> dict:
+    """What one task asks Ray for: one GPU where the work runs on one (`cuda`, or `auto` on a cluster with GPUs),
+    else one CPU. Read from the cluster, not from this process: the driver may run on a node without a GPU (a
+    cluster's head) and still send its variants to the GPU nodes."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"--device {device} with --ray: Ray gives each task a GPU of its own, which the task sees as "
+                         "cuda:0; use --device cuda (or auto)")
+    if device == "cuda" and not cluster_gpus:
+        raise InputError("--device cuda with --ray: the Ray cluster has no GPU; join nodes that have one (`ray start "
+                         "--address=HEAD:6379` on each), or use --device cpu")
+    return {"num_gpus": 1} if cluster_gpus and device != "cpu" else {"num_cpus": 1}
+
+
 def _resources(device: str) -> dict:
-    """What one task asks Ray for: a GPU where the work runs on one, else one CPU."""
-    return {"num_gpus": 1} if device != "cpu" and torch.cuda.is_available() else {"num_cpus": 1}
+    return task_resources(device, import_ray().cluster_resources().get("GPU", 0))
 
 
 def _where() -> dict:
@@ -94,15 +106,19 @@ def _variant_task(run_id: str, model: str, device: str, variant: dict, prompts: 
     return {**row, "ran_on": where}, images
 
 
-def sweep_on_ray(address: str, model: str, device: str, variant_list: list, prompts: list[dict], iterations: int,
-                 image_dirs: dict, timeout_s: float, keep) -> list[dict]:
-    """Every variant as one Ray task; `keep(row)` as each finishes; the rows in `variant_list`'s order."""
-    from .sweep import skipped_row
+def sweep_on_ray(address: str, model: str, device: str, variant_list: list, compiled: tuple[bool, ...],
+                 prompts: list[dict], iterations: int, work: Path, timeout_s: float, keep) -> list[dict]:
+    """Every variant as one Ray task (compiled and/or eager where the tasks get GPUs); `keep(row)` as each finishes;
+    the rows in the variants' order, each row's images in `work`."""
+    from .sweep import compile_axis, image_dir, skipped_row
 
     ray = import_ray()
     started = connect(address)
     try:
-        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **_resources(device))(_variant_task)
+        resources = _resources(device)
+        if "num_gpus" in resources:
+            variant_list = compile_axis(variant_list, compiled)
+        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **resources)(_variant_task)
         run_id = uuid.uuid4().hex[:12]
         pending = {task.remote(run_id, model, device, dataclasses.asdict(v), prompts, iterations, timeout_s,
                                torch.get_num_threads()): v for v in variant_list}
@@ -115,10 +131,10 @@ def sweep_on_ray(address: str, model: str, device: str, variant_list: list, prom
             except ray.exceptions.RayError as err:  # the worker was lost twice: the variant stays, with the reason
                 row, images = skipped_row(v, f"{type(err).__name__}: {one_line(err)[:500]}"), {}
             if "skipped" not in row:
-                image_dirs[v].mkdir(parents=True, exist_ok=True)
+                row["images"] = image_dir(work, v)
+                row["images"].mkdir(parents=True, exist_ok=True)
                 for name, data in images.items():
-                    (image_dirs[v] / name).write_bytes(data)
-                row["images"] = image_dirs[v]
+                    (row["images"] / name).write_bytes(data)
             keep(row)
             rows[v] = row
         return [rows[v] for v in variant_list]
@@ -127,8 +143,9 @@ def sweep_on_ray(address: str, model: str, device: str, variant_list: list, prom
             ray.shutdown()
 
 
-def _validate_task(kwargs: dict) -> tuple[str, int, bytes, dict]:
-    """On a worker: one `fluxkit validate` run into a scratch folder; its report as a tar archive."""
+def _validate_task(kwargs: dict) -> dict:
+    """On a worker: one `fluxkit validate` run into a scratch folder; its report as a tar archive, or why it did not
+    run (its inputs are checked here, where its device is: the driver may have no GPU)."""
     import shutil
 
     from .validate import validate
@@ -139,32 +156,47 @@ def _validate_task(kwargs: dict) -> tuple[str, int, bytes, dict]:
         archive = io.BytesIO()
         with tarfile.open(fileobj=archive, mode="w:gz") as tar:
             tar.add(out_dir, arcname=out_dir.name)
+        return {"name": out_dir.name, "code": code, "archive": archive.getvalue(), "ran_on": _where()}
+    except FluxkitError as err:
+        return {"error": one_line(err), "ran_on": _where()}
     finally:  # the report travels in the archive; the worker's node keeps nothing
         shutil.rmtree(out_root, ignore_errors=True)
-    return out_dir.name, code, archive.getvalue(), _where()
 
 
-def validate_on_ray(address: str, runs: list[dict], out_root: Path) -> list[tuple[Path, int]]:
-    """One `validate` per keyword set of `runs`, each a Ray task; each report unpacked into `out_root`, replacing an
-    earlier report of the same name as a whole."""
+def validate_on_ray(address: str, runs: list[dict], out_root: Path) -> list[tuple[Path | None, int]]:
+    """One `validate` per keyword set of `runs`, each a Ray task; each report unpacked into `out_root` as it arrives,
+    replacing an earlier report of the same name as a whole. A run that could not start is logged with its reason and
+    given as (None, 2); the others go on."""
     from .validate import _move_into_place
 
     ray = import_ray()
     started = connect(address)
     try:
-        device = runs[0].get("device", "auto")
-        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **_resources(device))(_validate_task)
-        results = []
+        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1,
+                          **_resources(runs[0].get("device", "auto")))(_validate_task)
         out_root.mkdir(parents=True, exist_ok=True)
-        for name, code, archive, where in ray.get([task.remote(kwargs) for kwargs in runs]):
-            unpacked = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_root))
-            with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        pending = {task.remote(kwargs): i for i, kwargs in enumerate(runs)}
+        results = {}
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done)
+            try:
+                result = ray.get(done)
+            except ray.exceptions.RayError as err:  # the worker was lost twice
+                result = {"error": f"{type(err).__name__}: {one_line(err)[:500]}", "ran_on": {"node": "a lost worker"}}
+            if "error" in result:
+                log.error("validate --placement %s did not run (on %s): %s", runs[i].get("placement"),
+                          result["ran_on"]["node"], result["error"])
+                results[i] = (None, 2)
+                continue
+            unpacked = Path(tempfile.mkdtemp(prefix=f".{result['name']}.", dir=out_root))
+            with tarfile.open(fileobj=io.BytesIO(result["archive"]), mode="r:gz") as tar:
                 tar.extractall(unpacked, filter="data")
-            _move_into_place(unpacked / name, out_root / name)
+            _move_into_place(unpacked / result["name"], out_root / result["name"])
             unpacked.rmdir()
-            log.info("report %s came from %s", name, where)
-            results.append((out_root / name, code))
-        return results
+            log.info("report %s came from %s", result["name"], result["ran_on"])
+            results[i] = (out_root / result["name"], result["code"])
+        return [results[i] for i in range(len(runs))]
     finally:
         if started:
             ray.shutdown()

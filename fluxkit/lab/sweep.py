@@ -186,6 +186,11 @@ def measure_variant_json(model: str, device: str, variant: dict, prompts: list[d
     return measure_variant(model, device, Variant(**variant), prompts, iterations, Path(image_dir))
 
 
+def image_dir(work: Path, variant: Variant) -> Path:
+    """Where a variant's images wait to be scored."""
+    return work / variant.name.replace("@", "_")
+
+
 def skipped_row(variant: Variant, reason: str) -> dict:
     """The row of a variant that did not run: it stays in the result, with the reason."""
     return {"variant": variant.name, "preset": variant.preset, "placement": variant.placement,
@@ -199,17 +204,15 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
 
     On a GPU each variant runs compiled and/or eager (`compiled`), each in a process of its own, stopped after
     `variant_timeout_s` with its row saying so; on a CPU they run in this process. With `ray` (an address, `auto`,
-    or `local` for a cluster of this machine's GPUs started here) each variant is a Ray task on a GPU (or CPUs) of
-    the cluster, again in a process of its own, and a worker lost mid-variant is retried once (`fluxkit.lab.cluster`).
+    or `local` for a cluster of this machine's GPUs started here) each variant is a Ray task on a GPU of the cluster
+    where it has GPUs (this process needs none), else on its CPUs, again in a process of its own, and a worker lost
+    mid-variant is retried once (`fluxkit.lab.cluster`).
     Each row is appended to `partial` (JSON lines) as soon as it is measured, so a run stopped part-way keeps the
     memory and latency of the variants it finished (fidelity is scored at the end)."""
     import shutil
     import tempfile
 
     prompts = prompts or reference_prompts()[:2]
-    gpu = torch.cuda.is_available() and device != "cpu"
-    if gpu:
-        variant_list = compile_axis(variant_list, compiled)
     work = Path(tempfile.mkdtemp(prefix="fluxkit-sweep-"))
 
     def keep(row: dict) -> None:  # a long sweep says how far it has got, and keeps what it has measured
@@ -219,15 +222,15 @@ def sweep(model: str, device: str, variant_list: list[Variant], clip: ClipScorer
                 f.write(json.dumps(to_jsonable({k: v for k, v in row.items() if k != "images"})) + "\n")
 
     try:
-        image_dirs = {v: work / v.name.replace("@", "_") for v in variant_list}
-        if ray is not None:
+        if ray is not None:  # where the tasks run, GPUs or CPUs, is the cluster's to say
             from .cluster import sweep_on_ray
 
-            rows = sweep_on_ray(ray, model, device, variant_list, prompts, iterations, image_dirs, variant_timeout_s,
-                                keep)
+            rows = sweep_on_ray(ray, model, device, variant_list, compiled, prompts, iterations, work,
+                                variant_timeout_s, keep)
         else:
-            rows = [_measure_here(model, device, v, prompts, iterations, image_dirs[v], variant_timeout_s, gpu, keep)
-                    for v in variant_list]
+            gpu = torch.cuda.is_available() and device != "cpu"
+            rows = [_measure_here(model, device, v, prompts, iterations, image_dir(work, v), variant_timeout_s, gpu,
+                                  keep) for v in (compile_axis(variant_list, compiled) if gpu else variant_list)]
         return _scored(model, device, rows, prompts, clip)
     finally:
         shutil.rmtree(work, ignore_errors=True)

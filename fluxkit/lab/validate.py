@@ -18,7 +18,9 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checks import MAX_SEED, check_number
 from ..config import Preset, load_placement, load_preset, preset_to_dict
@@ -37,6 +39,9 @@ from .report import (
     validate_metrics,
     weights_statement,
 )
+
+if TYPE_CHECKING:
+    from ..loading import LoadPlan
 
 log = logging.getLogger("fluxkit")
 
@@ -109,17 +114,23 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
-             name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
-             seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", baseline: bool = False,
-             sweep_presets: list[str] | None = None, resume: bool = False, progress: bool = True,
-             sms: int | None = None) -> tuple[Path, int]:
-    """Run every notebook and write the report; returns (report folder, exit code). With `resume`, a notebook an
-    interrupted run of the same name and parameters finished is kept only if it proves it (`_proven`). `sms`: the
-    latency notebook runs on that many SMs of the GPU, an RTX 3060 stand-in (fluxkit/lab/standin.py)."""
-    import papermill
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class ValidateRun:
+    """One report's run, its inputs checked and nothing written yet."""
 
+    planned: LoadPlan
+    name: str
+    out_dir: Path
+    parameters: dict
+    resume: bool
+
+
+def prepare(model: str = "auto", device: str = "auto", quantization: str = "nf4", placement: str | None = None,
+            name: str | None = None, out_root: str | Path = "reports", iterations: int = 50, drift_calls: int = 20,
+            seed: int = 0, clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", baseline: bool = False,
+            sweep_presets: list[str] | None = None, resume: bool = False, sms: int | None = None) -> ValidateRun:
+    """Every input of a report checked, before any notebook (of any report: one per placement) starts. `sms`: the
+    latency notebook runs on that many SMs of the GPU, an RTX 3060 stand-in (fluxkit/lab/standin.py)."""
     from ..loading import plan_load
 
     check_number("iterations", iterations, 1, 100_000, integer=True)
@@ -133,19 +144,34 @@ def validate(model: str = "auto", device: str = "auto", quantization: str = "nf4
             raise InputError(f"sms: {reason}")
     sweep_presets = [load_preset(p).name for p in sweep_presets] if sweep_presets else None
     planned = plan_load(device, quantization, model, placement=placement, preflight_check=False)
-    preset, placement = planned.preset, planned.placement.name
-    check_references(model, device, preset, placement)
-    out_root = Path(out_root)
+    placement = planned.placement.name
+    check_references(model, device, planned.preset, placement)
     name = check_report_name(name) if name is not None else default_name(model, device, quantization, placement)
-    out_dir = out_root / name
+    out_dir = Path(out_root) / name
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} exists and is not a folder; choose another --name or --out-root")
     parameters = dict(model=str(model), device=device, quantization=quantization, placement=placement, seed=seed,
                       out_dir=".", iterations=iterations, drift_calls=drift_calls, baseline=baseline,
                       sweep_presets=sweep_presets, clip_model=clip_model, clip_pretrained=clip_pretrained, sms=sms)
+    return ValidateRun(planned, name, out_dir, parameters, resume)
+
+
+def validate(progress: bool = True, **inputs) -> tuple[Path, int]:
+    """Run every notebook and write the report (`prepare` takes `inputs`); returns (report folder, exit code)."""
+    return execute(prepare(**inputs), progress)
+
+
+def execute(run: ValidateRun, progress: bool = True) -> tuple[Path, int]:
+    """Run every notebook of a prepared report and write it; returns (report folder, exit code). With `resume`, a
+    notebook an interrupted run of the same name and parameters finished is kept only if it proves it (`_proven`)."""
+    import papermill
+    from tqdm.auto import tqdm
+
+    name, out_dir, parameters, preset = run.name, run.out_dir, run.parameters, run.planned.preset
+    out_root = out_dir.parent
     work = out_root / f".{name}.incomplete"
-    fingerprint = run_fingerprint(planned.source.path, parameters)
-    runs = _resumable(work, parameters, fingerprint) if resume else {}
+    fingerprint = run_fingerprint(run.planned.source.path, parameters)
+    runs = _resumable(work, parameters, fingerprint) if run.resume else {}
     out_root.mkdir(parents=True, exist_ok=True)
     kernel = ensure_kernel()
     if not runs:
