@@ -95,25 +95,18 @@ def test_the_ray_sweep_gives_the_serial_rows_even_when_a_worker_is_lost(tiny_dir
     assert len(partial.read_text().splitlines()) == 2  # each row as its task finished, the lost attempt not among them
 
 
-def test_variants_that_fail_or_run_out_of_time_keep_their_rows(tiny_dir, cluster, clip):
-    [raised] = sweep(str(tiny_dir), "cpu", [Variant("torchao-fp8dq", True, "resident")], clip, iterations=1,
-                     prompts=PROMPTS, ray="auto")["rows"]
-    assert "compute capability 8.9" in raised["skipped"] and "ran_on" in raised
+def test_variants_that_fail_or_run_out_of_time_keep_their_rows_and_go_to_the_clusters_gpus(tiny_dir, cluster, clip):
+    """`auto` on a cluster with GPUs, from a process without one (a head node's): each variant asks for a GPU, its
+    row names it, and the compile axis is the GPU sweep's; the tasks' CUDA is this machine's (none), so they run on
+    its CPUs."""
+    [raised] = sweep(str(tiny_dir), "auto", [Variant("torchao-fp8dq", True, "resident")], clip, iterations=1,
+                     prompts=PROMPTS, compiled=(False,), ray="auto")["rows"]
+    assert "compute capability 8.9" in raised["skipped"] and raised["variant"] == "torchao-fp8dq+eager@resident"
+    assert raised["ran_on"]["gpu_ids"] in (["0"], ["1"])
     [stalled] = sweep(str(tiny_dir), "cpu", [Variant("nf4", True, "resident")], clip, iterations=1, prompts=PROMPTS,
                       variant_timeout_s=0.5, ray="auto")["rows"]
     assert "did not finish within 0.5 s" in stalled["skipped"] and stalled["variant"] == "nf4@resident"
-
-
-def test_a_cluster_with_gpus_gets_the_variants_though_this_process_has_none(tiny_dir, cluster, clip):
-    """Each variant asks for one GPU, the two run at once on the two GPUs, each row names its own; the tasks' CUDA is
-    this machine's (none), so the variants run on its CPUs, eager."""
-    rows = sweep(str(tiny_dir), "auto", variants(["nf4"], t5=(True,)), clip, iterations=1, prompts=PROMPTS,
-                 compiled=(False,), ray="auto")["rows"]
-    assert sorted(r["ran_on"]["gpu_ids"] for r in rows) == [["0"], ["1"]]
-    assert [r["variant"] for r in rows] == ["bf16+eager@resident", "nf4+eager@resident"]
-    assert all("skipped" not in r for r in rows)
-    with pytest.raises(InputError, match="--device cuda:1 with --ray: .* use --device cuda"):
-        sweep(str(tiny_dir), "cuda:1", variants(["nf4"], t5=(True,)), clip, prompts=PROMPTS, ray="auto")
+    assert stalled["ran_on"]["gpu_ids"] == []  # a CPU sweep asks for none
 
 
 def test_validate_on_ray_brings_back_each_report_and_goes_on_past_one_that_cannot_run(tiny_dir, cluster, tmp_path,
@@ -135,6 +128,8 @@ def test_what_a_task_asks_ray_for():
     assert task_resources("auto", 0) == task_resources("cpu", 8) == {"num_cpus": 1}
     with pytest.raises(InputError, match="the Ray cluster has no GPU; join nodes that have one"):
         task_resources("cuda", 0)
+    with pytest.raises(InputError, match="--device cuda:1 with --ray: .* use --device cuda"):
+        task_resources("cuda:1", 2)
 
 
 def test_without_ray_the_extra_is_named(monkeypatch, tmp_path):
