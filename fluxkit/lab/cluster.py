@@ -90,7 +90,7 @@ def _attempt(scratch: Path) -> int:
 
 
 def _variant_task(run_id: str, model: str, device: str, variant: dict, prompts: list[dict], iterations: int,
-                  timeout_s: float, threads: int) -> tuple[dict, dict[str, bytes]]:
+                  timeout_s: float, threads: int | None) -> tuple[dict, dict[str, bytes]]:
     """On a worker: one variant measured in a fresh process; its row (with where it ran) and its images."""
     from .fresh import reason
     from .sweep import Variant, measure_in_fresh_process, skipped_row
@@ -116,12 +116,16 @@ def sweep_on_ray(address: str, model: str, device: str, variant_list: list, comp
     started = connect(address)
     try:
         resources = _resources(device)
-        if "num_gpus" in resources:
+        gpu = "num_gpus" in resources
+        if gpu:
             variant_list = compile_axis(variant_list, compiled)
         task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **resources)(_variant_task)
         run_id = uuid.uuid4().hex[:12]
+        # A CPU variant's images are bit for bit the serial sweep's only at its thread count; a GPU variant's process
+        # keeps its node's, as the serial sweep's fresh processes do.
+        threads = None if gpu else torch.get_num_threads()
         pending = {task.remote(run_id, model, device, dataclasses.asdict(v), prompts, iterations, timeout_s,
-                               torch.get_num_threads()): v for v in variant_list}
+                               threads): v for v in variant_list}
         rows = {}
         while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
