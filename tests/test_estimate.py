@@ -205,6 +205,8 @@ def test_side_by_side_interleaves_and_compares(tiny_dir):
         assert set(v["phases"]) == set(PHASES) and v["phases"]["denoise"]["n"] == 2
         assert v["phases"]["denoise"]["p50"] < v["summary"]["p50"]
         assert v["started"] == sorted(v["started"]) and len(v["started"]) == 2
+    # a prompt of its own for every call, warm-ups included, as Vortex's actors come: T5 runs each time
+    assert [m.prompt_cache.hits for m in variants.values()] == [0, 0, 0]
 
 
 def test_an_unknown_lever_is_refused_before_anything_loads(tiny_dir):

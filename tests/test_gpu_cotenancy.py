@@ -35,7 +35,7 @@ def test_vortex_placement_runs_beside_the_rest_of_vortex(full_dir, placement="au
           f" GB; drift {row['drift_bytes'] / 1e6:.2f} MB; P50 {row['latency']['p50']:.3f} s, P99 "
           f"{row['latency']['p99']:.3f} s; phase P50 (s): "
           + ", ".join(f"{k} {v['p50']:.3f}" for k, v in row["phases"].items()))
-    assert row["placement"] == "vortex" and row["cap_kept"]
+    assert row["placement"] == "vortex" and row["cap_kept"] and row["prompt_cache_hits"] == 0  # a new prompt each
     assert abs(row["drift_bytes"]) < budgets.drift_mb * 1e6
     assert row["process_peak_reserved_bytes"] <= budgets.vortex_total_gb * GB
     # the one reading covers the ballast and Flux: nothing reset it in between

@@ -134,7 +134,7 @@ def test_a_stand_in_run_from_its_benches_and_the_co_tenancy_check(run, analysis,
         {p: 1.1 * v for p, v in projected[s["sms"]].items()}) for s in run["slices"]]  # each phase 10% slower
     phases = {p: {"p50": v, "p99": v + 0.01, "p99_9": v + 0.02} for p, v in projected[8].items()}
     cotenancy = [{"placement": "vortex", "outcome": "ran", "calls": 100, "cap_gb": 11.8, "resident_bytes": 5.551e9,
-                  "process_peak_reserved_bytes": 11.641e9, "drift_bytes": 0, "cap_kept": True,
+                  "process_peak_reserved_bytes": 11.641e9, "drift_bytes": 0, "cap_kept": True, "prompt_cache_hits": 0,
                   "stand_in": {"sms": 8, "total_sms": 132, "device_name": "NVIDIA H200", "peaks": by_sms["8"]},
                   "latency": {"p50": 2.437, "p99": 2.496, "p99_9": 2.51}, "phases": phases}]
     text = standin.write_report(standin.collect(benches, cotenancy), tmp_path)
@@ -155,7 +155,8 @@ def test_a_stand_in_run_from_its_benches_and_the_co_tenancy_check(run, analysis,
     assert card["PCIe 4.0 x16"]["phases_s"]["denoise"]["p99_s"] - card["PCIe 4.0 x16"]["phases_s"]["denoise"][
         "p50_s"] == pytest.approx(0.01)
     assert text == standin.markdown(result) == (tmp_path / "standin.md").read_text()
-    assert "Beside the rest of Vortex on 8 SMs (100 calls, 11.8 GB cap): 5.551 GB resident" in text
+    assert ("Beside the rest of Vortex on 8 SMs (100 calls, a new prompt each: 0 prompt-cache hits; 11.8 GB cap): "
+            "5.551 GB resident") in text
     assert "| denoise | " in text and "| text_encode error |" in text
     assert (tmp_path / "standin.png").stat().st_size > 10_000
     with pytest.raises(InputError, match="needs one whole-card bench"):

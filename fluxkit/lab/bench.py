@@ -15,6 +15,7 @@ import gc
 import re
 import statistics
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -68,10 +69,16 @@ def timed_calls(model, count: int, prompt: str = DEFAULT_PROMPT, seed: int = 0, 
     and seed `seed + i`, into a pre-allocated host image as Vortex passes it (so each call ends with the copy to the
     host): per call its wall-clock start (Unix s) and total seconds, and for a FluxModel each phase's seconds (and
     its peaks, when the model is profiling). `model` is a FluxModel or anything with generate(prompt, seed, output)."""
+    return list(each_timed_call(model, count, prompt, seed, output, first, warmup, **kwargs))
+
+
+def each_timed_call(model, count: int, prompt: str = DEFAULT_PROMPT, seed: int = 0,
+                    output: torch.Tensor | None = None, first: int = 0, warmup: int = 0, **kwargs) -> Iterator[dict]:
+    """`timed_calls`, each row as its call ends: a long run (100 co-tenancy calls) logs its progress, and one that
+    fails part-way knows how far it got."""
     output = output_buffer(model) if output is None else output
     for i in range(warmup):
         model.generate(call_prompt(prompt, -1 - i), seed=seed + i, output=output, **kwargs)
-    rows = []
     for i in range(first, first + count):
         started, start = time.time(), time.perf_counter()
         model.generate(call_prompt(prompt, i), seed=seed + i, output=output, **kwargs)
@@ -81,8 +88,7 @@ def timed_calls(model, count: int, prompt: str = DEFAULT_PROMPT, seed: int = 0, 
             row.update(call.timings)
             if call.peak is not None:
                 row.update(peak=call.peak, peak_reserved=call.peak_reserved)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def _series(model: FluxModel, iterations: int, warmup: int, prompt: str, seed: int, **kwargs) -> dict:

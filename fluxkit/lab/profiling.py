@@ -8,7 +8,6 @@ same way: its memory cap and ballast belong to the process.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -16,8 +15,9 @@ from ..config import available_placements, available_presets, load_placement, lo
 from ..errors import FluxkitError, GenerationError, InputError, VortexInitializationError
 from ..memory import CPU_NOTE, GB, both_units, device_available, device_used
 from ..plan import plan_placement
+from ..sampling import PHASES
 from ..synthetic import meta_model
-from .bench import DEFAULT_PROMPT, call_prompt, timed_calls
+from .bench import DEFAULT_PROMPT, each_timed_call, timed_calls
 from .fresh import call_in_fresh_process, reason
 from .metrics import summarize
 
@@ -185,25 +185,23 @@ def _beside_vortex(model: str, device: str, quantization: str, placement: str, c
                resident_bytes=torch.cuda.memory_allocated(dev) - before, planned_resident_bytes=m.plan.resident_bytes,
                quantized_layers=m.quantized_layers)
     buffer = torch.empty((size.height, size.width, 3), dtype=torch.float32)
-    times, phases = [], []
+    rows = []
     try:
-        m.generate(call_prompt(prompt, -1), seed=seed, output=buffer)  # warm-up
-        start = torch.cuda.memory_allocated(dev)
-        for i in range(calls):  # a repeated prompt every other call: embedding cache hits and misses
-            t0 = time.perf_counter()
-            m.generate(prompt if i % 2 else call_prompt(prompt, i), seed=seed + i, output=buffer)
-            times.append(time.perf_counter() - t0)
-            phases.append(m.last_call.timings)
-            log.info("co-tenancy call %d/%d: %.3f s %s", i + 1, calls, times[-1],  # a run cut short keeps these
-                     " ".join(f"{p} {t:.3f}" for p, t in phases[-1].items()))
+        timed_calls(m, 0, prompt, seed, output=buffer, warmup=1)
+        start, hits = torch.cuda.memory_allocated(dev), m.prompt_cache.hits
+        for r in each_timed_call(m, calls, prompt, seed, output=buffer):  # a new prompt each, as Vortex's actors
+            rows.append(r)
+            log.info("co-tenancy call %d/%d: %.3f s %s", len(rows), calls, r["total"],  # a run cut short keeps these
+                     " ".join(f"{p} {r[p]:.3f}" for p in PHASES))
     except GenerationError as err:
-        return {**row, "outcome": "failed", "call": len(times), "phase": err.phase, "message": str(err)}
+        return {**row, "outcome": "failed", "call": len(rows), "phase": err.phase, "message": str(err)}
     torch.cuda.synchronize(dev)
     return {**row, "outcome": "ran", "calls": calls, "drift_bytes": torch.cuda.memory_allocated(dev) - start,
             "process_peak_reserved_bytes": torch.cuda.max_memory_reserved(dev),
             "process_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
-            "cap_kept": process_cap_bytes(dev) == cap, "latency": summarize(times),
-            "phases": {p: summarize([t[p] for t in phases]) for p in phases[0]}}
+            "cap_kept": process_cap_bytes(dev) == cap, "prompt_cache_hits": m.prompt_cache.hits - hits,
+            "latency": summarize([r["total"] for r in rows]),
+            "phases": {p: summarize([r[p] for r in rows]) for p in PHASES}}
 
 
 def cotenancy(model: str, device: str, quantization: str, placements: list[str], calls: int = 100,

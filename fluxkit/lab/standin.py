@@ -295,7 +295,7 @@ def beside_vortex(row: dict, whole: dict, errors: list[float], setup: tuple) -> 
     projected = _to_slice(setup, sms, row["stand_in"]["peaks"], whole)
     return {"sms": sms, "calls": row["calls"], "cap_gb": row["cap_gb"], "resident_gb": row["resident_bytes"] / 1e9,
             "peak_reserved_gb": row["process_peak_reserved_bytes"] / 1e9, "drift_mb": row["drift_bytes"] / 1e6,
-            "cap_kept": row["cap_kept"], "peaks": row["stand_in"]["peaks"],
+            "cap_kept": row["cap_kept"], "prompt_cache_hits": row["prompt_cache_hits"], "peaks": row["stand_in"]["peaks"],
             "measured": {"total": row["latency"], **row["phases"]},
             "rtx3060": rtx3060(measured, projected["phases_s"], projected["p50_s"], errors, setup)}
 
@@ -341,7 +341,8 @@ def write_report(data: dict, out_dir: Path) -> str:
 
 def _beside_vortex_markdown(run: dict) -> list[str]:
     card = run["rtx3060"]
-    lines = [f"Beside the rest of Vortex on {run['sms']} SMs ({run['calls']} calls, {run['cap_gb']} GB cap): "
+    lines = [f"Beside the rest of Vortex on {run['sms']} SMs ({run['calls']} calls, a new prompt each: "
+             f"{run['prompt_cache_hits']} prompt-cache hits; {run['cap_gb']} GB cap): "
              f"{run['resident_gb']:.3f} GB resident, {run['peak_reserved_gb']:.3f} GB peak reserved, drift "
              f"{run['drift_mb']:+.1f} MB, cap kept: {run['cap_kept']}.", "",
              "| phase | P50 s | P99 s | P99.9 s | " + " | ".join(f"3060 P50 / P99 s ({link})" for link in RTX3060.values())
