@@ -7,8 +7,9 @@ from test_plan import share_streaming_some_modulation
 
 import helpers
 from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
-from fluxkit.lab.profiling import cotenancy, cotenancy_table, placement_table
+from fluxkit.lab.profiling import cotenancy, cotenancy_table, placement_table, profile_vram
 from fluxkit.placement import ModulationOutput
+from fluxkit.sampling import PHASES
 from helpers import PROMPT, t5_unquantized, with_budgets
 
 # Batching the 4 steps' modulation projections changes the float32 summation order: measured max |diff| 1.1e-6.
@@ -98,6 +99,14 @@ def test_a_call_frees_its_memory_without_the_garbage_collector(tiny_dir, placeme
         gc.garbage.clear()
         gc.enable()
     assert not held
+
+
+def test_the_vram_profile_runs_t5_in_every_call_it_measures(tiny_model):
+    """A call served from the prompt cache skips T5: a profile of such calls misses the text encode's memory."""
+    hits = tiny_model.prompt_cache.hits
+    profile = profile_vram(tiny_model, drift_calls=2)
+    assert tiny_model.prompt_cache.hits == hits
+    assert [m["phase"] for m in profile["timeline"]] == ["load", *PHASES]
 
 
 def test_the_cotenancy_check_says_why_not_on_cpu(tiny_dir):
