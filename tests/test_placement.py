@@ -7,7 +7,8 @@ from test_plan import share_streaming_some_modulation
 
 import helpers
 from fluxkit import VortexInitializationError, load_flux_schnell, load_preset
-from fluxkit.lab.profiling import cotenancy, cotenancy_table, placement_table, profile_vram
+from fluxkit.errors import InputError
+from fluxkit.lab.profiling import compare_placements, cotenancy, cotenancy_table, placement_table, profile_vram
 from fluxkit.placement import ModulationOutput
 from fluxkit.sampling import PHASES
 from helpers import PROMPT, t5_unquantized, with_budgets
@@ -115,6 +116,9 @@ def test_the_cotenancy_check_says_why_not_on_cpu(tiny_dir):
     assert all(r["applicable"] is False and "CUDA" in r["reason"] for r in rows[:2])
     assert "placement" in rows[2]["error"] and "vortex" in rows[2]["error"]  # a bad name lists the valid ones
     assert [t["outcome"] for t in cotenancy_table(rows)] == [rows[0]["reason"], rows[1]["reason"], rows[2]["error"]]
+    for measure in (cotenancy, compare_placements):  # refused before a process loads a model to time no call
+        with pytest.raises(InputError, match="calls=0"):
+            measure(str(tiny_dir), "cpu", "nf4", ["vortex"], calls=0)
 
 
 def test_the_planner_error_of_a_zero_byte_plan_is_absolute():

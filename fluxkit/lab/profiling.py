@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from ..checks import check_number
 from ..config import available_placements, available_presets, load_placement, load_preset
 from ..errors import FluxkitError, GenerationError, InputError, VortexInitializationError
 from ..memory import CPU_NOTE, GB, both_units, device_available, device_used
@@ -130,6 +131,7 @@ def _on_gpu(device: str) -> bool:
 def compare_placements(model: str, device: str, quantization: str, placements: list[str] | None = None,
                        calls: int = 5, seed: int = 0) -> list[dict]:
     """`measure_placement` for each placement, each in a fresh Python process on a GPU (as Vortex measures)."""
+    check_number("calls", calls, 1, 100_000, integer=True)  # before a process loads 12 B parameters to time none
     return [_in_fresh_process("measure_placement", dict(model=str(model), device=device, quantization=quantization,
                                                         placement=placement, calls=calls, seed=seed))
             for placement in placements or available_placements()]
@@ -210,6 +212,7 @@ def cotenancy(model: str, device: str, quantization: str, placements: list[str],
               seed: int = 0, sms: int | None = None, timeout_s: float | None = None) -> list[dict]:
     """`beside_vortex` for each placement, each in a fresh Python process stopped after `timeout_s` (its row then
     says so, and the log where it stalled); on a CPU, each row says why not."""
+    check_number("calls", calls, 1, 100_000, integer=True)
     return [_in_fresh_process("beside_vortex", dict(model=str(model), device=device, quantization=quantization,
                                                     placement=placement, calls=calls, seed=seed, sms=sms), timeout_s)
             for placement in placements]
