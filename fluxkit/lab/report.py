@@ -220,7 +220,7 @@ def overall_scope(metrics: dict) -> str:
     counts = {s: sum(v["status"] == s for v in metrics["budgets"]) for s in (PASS, FAIL, NA)}
     scope = f"{counts[PASS] + counts[FAIL]} of {sum(counts.values())} budgets judged here, {counts[FAIL]} failed"
     if counts[NA]:
-        scope += f"; {counts[NA]} not applicable on this run (see why above)"
+        scope += f"; {counts[NA]} not applicable on this run, each with its reason above"
     failed = [nb for nb, status in metrics["notebooks"].items() if status != "ok"]
     if failed:
         scope += f"; notebooks not ok: {', '.join(failed)}"
