@@ -20,6 +20,8 @@ import socket
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -106,45 +108,63 @@ def _variant_task(run_id: str, model: str, device: str, variant: dict, prompts: 
     return {**row, "ran_on": where}, images
 
 
+@contextmanager
+def _joined(address: str) -> Iterator:
+    """Ray, joined (or started here, and then stopped at the end) at `address`."""
+    ray = import_ray()
+    started = connect(address)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _as_they_finish(ray, function, resources: dict,
+                    arguments: list[tuple]) -> Iterator[tuple[int, object, str | None]]:
+    """`function(*a)` for each `a` of `arguments`, each one Ray task in a worker of its own, run again once when its
+    worker is lost: (index, result, None) as each finishes, or (index, None, why) for one whose worker was lost twice."""
+    task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **resources)(function)
+    pending = {task.remote(*a): i for i, a in enumerate(arguments)}
+    while pending:
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done)
+        try:
+            result, lost = ray.get(done), None
+        except ray.exceptions.RayError as err:
+            result, lost = None, f"{type(err).__name__}: {one_line(err)[:500]}"
+        yield i, result, lost
+
+
 def sweep_on_ray(address: str, model: str, device: str, variant_list: list, compiled: tuple[bool, ...],
                  prompts: list[dict], iterations: int, work: Path, timeout_s: float, keep) -> list[dict]:
     """Every variant as one Ray task (compiled and/or eager where the tasks get GPUs); `keep(row)` as each finishes;
     the rows in the variants' order, each row's images in `work`."""
     from .sweep import compile_axis, image_dir, skipped_row
 
-    ray = import_ray()
-    started = connect(address)
-    try:
+    with _joined(address) as ray:
         resources = _resources(device)
         gpu = "num_gpus" in resources
         if gpu:
             variant_list = compile_axis(variant_list, compiled)
-        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1, **resources)(_variant_task)
         run_id = uuid.uuid4().hex[:12]
         # A CPU variant's images are bit for bit the serial sweep's only at its thread count; a GPU variant's process
         # keeps its node's, as the serial sweep's fresh processes do.
         threads = None if gpu else torch.get_num_threads()
-        pending = {task.remote(run_id, model, device, dataclasses.asdict(v), prompts, iterations, timeout_s,
-                               threads): v for v in variant_list}
+        arguments = [(run_id, model, device, dataclasses.asdict(v), prompts, iterations, timeout_s, threads)
+                     for v in variant_list]
         rows = {}
-        while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
-            v = pending.pop(done)
-            try:
-                row, images = ray.get(done)
-            except ray.exceptions.RayError as err:  # the worker was lost twice: the variant stays, with the reason
-                row, images = skipped_row(v, f"{type(err).__name__}: {one_line(err)[:500]}"), {}
+        for i, result, lost in _as_they_finish(ray, _variant_task, resources, arguments):
+            v = variant_list[i]
+            row, images = result if lost is None else (skipped_row(v, lost), {})  # lost twice: kept, with the reason
             if "skipped" not in row:
                 row["images"] = image_dir(work, v)
                 row["images"].mkdir(parents=True, exist_ok=True)
                 for name, data in images.items():
                     (row["images"] / name).write_bytes(data)
             keep(row)
-            rows[v] = row
-        return [rows[v] for v in variant_list]
-    finally:
-        if started:
-            ray.shutdown()
+            rows[i] = row
+        return [rows[i] for i in range(len(variant_list))]
 
 
 def _validate_task(kwargs: dict) -> dict:
@@ -173,21 +193,13 @@ def validate_on_ray(address: str, runs: list[dict], out_root: Path) -> list[tupl
     given as (None, 2); the others go on."""
     from .validate import _move_into_place
 
-    ray = import_ray()
-    started = connect(address)
-    try:
-        task = ray.remote(max_retries=1, retry_exceptions=False, max_calls=1,
-                          **_resources(runs[0].get("device", "auto")))(_validate_task)
+    with _joined(address) as ray:
         out_root.mkdir(parents=True, exist_ok=True)
-        pending = {task.remote(kwargs): i for i, kwargs in enumerate(runs)}
         results = {}
-        while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done)
-            try:
-                result = ray.get(done)
-            except ray.exceptions.RayError as err:  # the worker was lost twice
-                result = {"error": f"{type(err).__name__}: {one_line(err)[:500]}", "ran_on": {"node": "a lost worker"}}
+        for i, result, lost in _as_they_finish(ray, _validate_task, _resources(runs[0].get("device", "auto")),
+                                               [(kwargs,) for kwargs in runs]):
+            if lost is not None:
+                result = {"error": lost, "ran_on": {"node": "a lost worker"}}
             if "error" in result:
                 log.error("validate --placement %s did not run (on %s): %s", runs[i].get("placement"),
                           result["ran_on"]["node"], result["error"])
@@ -201,6 +213,3 @@ def validate_on_ray(address: str, runs: list[dict], out_root: Path) -> list[tupl
             log.info("report %s came from %s", result["name"], result["ran_on"])
             results[i] = (out_root / result["name"], result["code"])
         return [results[i] for i in range(len(runs))]
-    finally:
-        if started:
-            ray.shutdown()
