@@ -139,3 +139,12 @@ def test_without_ray_the_extra_is_named(monkeypatch, tmp_path):
         code, _, err = run_main(*command)
         assert code == 2 and err.strip() == (f"fluxkit: error: fluxkit {command[0]} --ray needs the ray package, which "
                                              "is not installed: pip install 'fluxkit[ray]'"), err
+
+
+def test_the_sweep_needs_no_notebook_tool(monkeypatch, tmp_path):
+    # A GPU host or Ray worker with the metrics but not the notebook tools: the sweep runs no notebook, so its
+    # refusal names only what it lacks (here Ray), not nbconvert.
+    for module in ("papermill", "nbconvert", "nbformat", "ipykernel", "jsonschema", "ray"):
+        monkeypatch.setitem(sys.modules, module, None)
+    code, _, err = run_main("sweep", "--device", "cpu", "--ray", "--out", str(tmp_path / "out"))
+    assert code == 2 and "needs the ray package" in err, err

@@ -48,7 +48,7 @@ def test_the_core_install_pulls_no_lab_package_and_generates(wheel, tiny_dir, tm
     assert out["layers"]["transformer"] == {"bitsandbytes.nn.Linear4bit": 28}
     for preset, extra in (("torchao-int8wo", "torchao"), ("gguf-q8_0", "gguf"), ("synthetic", "synthetic")):
         assert f"pip install 'fluxkit[{extra}]'" in out["refusals"][preset], out["refusals"]
-    for args, extra in ((["validate"], "lab"), (["sweep", "--out", str(tmp_path)], "lab"),
+    for args, extra in ((["validate"], "lab"), (["sweep", "--out", str(tmp_path)], "metrics"),
                         (["synth", "--out", str(tmp_path / "s")], "synthetic")):
         run = subprocess.run([str(python), "-m", "fluxkit.cli", *args], capture_output=True, text=True, cwd=tmp_path,
                              timeout=300, env=bare_env(PATH="/usr/bin:/bin"))
