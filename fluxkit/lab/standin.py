@@ -121,9 +121,14 @@ def _probe(device: torch.device) -> tuple[float, float]:
 
 
 def close(piece: SMSlice) -> None:
-    """Release the slice before the interpreter exits: a green context destroyed during interpreter teardown aborted
-    the process (after its output was written) on the H200 host."""
+    """Release the slice before the interpreter exits, once nothing made on it is referenced: a green context destroyed
+    while a tensor used on its stream was still alive aborted the process ("context is destroyed", when the tensor
+    was freed and the allocator recorded its event on that stream) after its output was written, on the H200 host."""
+    import gc
+
+    gc.collect()  # a model's reference cycles (modules and their hooks) freed now, while the stream still exists
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     piece.stream = None
     piece.context = None
 
