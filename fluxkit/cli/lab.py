@@ -6,19 +6,18 @@ import json
 
 from .args import SEED, device, float_in, int_in, model_args, output_folder, prompts_file, report_name
 
-# What `fluxkit validate` imports beyond the runtime: the `lab` extra.
-LAB_MODULES = ("papermill", "nbconvert", "nbformat", "ipykernel", "matplotlib", "jsonschema", "open_clip",
-               "torchmetrics")
 # What the sweep imports beyond the runtime: it scores images and runs no notebook (the `metrics` extra), so a GPU
 # host or Ray worker without the notebook tools can run it.
-SWEEP_MODULES = ("torchmetrics", "open_clip")
+METRICS_MODULES = ("torchmetrics", "open_clip")
+# What `fluxkit validate` imports beyond the runtime: the `lab` extra.
+LAB_MODULES = ("papermill", "nbconvert", "nbformat", "ipykernel", "matplotlib", "jsonschema", *METRICS_MODULES)
 
 
 def sweep(args: argparse.Namespace) -> int:
     from ..checks import require_extra
     from ..lab.metrics import check_clip_name, load_clip
 
-    require_extra("fluxkit sweep", "metrics", *SWEEP_MODULES)
+    require_extra("fluxkit sweep", "metrics", *METRICS_MODULES)
     if args.ray:
         require_extra("fluxkit sweep --ray", "ray", "ray")
     from ..lab.prompts import reference_prompts
