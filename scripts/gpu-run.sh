@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU-host runs behind reports/: builds the full-size synthetic checkpoint in /dev/shm (kept while the machine stays
-# warm), then runs the named steps. Logs and JSON land in $OUT/logs (the device tool brings back $OUT).
+# GPU-host runs behind reports/: runs the named steps, building the full-size synthetic checkpoint in /dev/shm for
+# those that read it. Logs and JSON land in $OUT/logs (the device tool brings back $OUT).
 # Needs the offline wheelhouse on PYTHONPATH (README, "GPU host"). Usage: bash scripts/gpu-run.sh STEP...
 # A VAR=value word among the steps sets VAR for the steps after it.
 #   contract         tests/test_vortex_contract.py: the task's six cases, beside the rest of Vortex
@@ -16,6 +16,8 @@
 #   standin-report   the stand-in report (logs/standin/: JSON, tables, plot) from the JSON of the two steps above
 #   sweep-ray        `fluxkit sweep --ray` of SWEEP_VARIANTS on this host's GPUs, then (SWEEP_SERIAL=1) the same
 #                    sweep serially, and where their rows differ beyond timing
+#   validate         `fluxkit validate` of VALIDATE_MODEL (default: the full-size checkpoint) with VALIDATE_ARGS into
+#                    logs/reports/
 #   FILE.py          python3 FILE.py
 set -uo pipefail
 site=$(python3 -c "import nbconvert, pathlib; print(pathlib.Path(nbconvert.__file__).parents[1])" 2>/dev/null)
@@ -29,13 +31,14 @@ OUT=${OUT:-/tmp/fluxkit-out}; LOGS=$OUT/logs; mkdir -p "$LOGS"
 CKPT=${CKPT:-/dev/shm/flux-synthetic-full}
 fluxkit() { python3 -m fluxkit.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
-if [ ! -f "$CKPT/fluxkit_synthetic.json" ]; then
-  { time fluxkit synth --preset full --out "$CKPT"; } > "$LOGS/synth.log" 2>&1
-fi
+full_checkpoint() {  # built on the first step that reads it (75 s), kept in /dev/shm while the machine stays warm
+  [ -f "$CKPT/fluxkit_synthetic.json" ] || { time fluxkit synth --preset full --out "$CKPT"; } > "$LOGS/synth.log" 2>&1
+}
 closure=(env PYTHONPATH="$PWD:/tmp/closure/site" /tmp/closure/venv/bin/python)
 for step in "$@"; do
   case $step in *=*) export "$step"; echo "== $step"; continue ;; esac
   start=$SECONDS; name=${step##*/}
+  case $step in *.py|standin-report) ;; validate) [ -n "${VALIDATE_MODEL:-}" ] || full_checkpoint ;; *) full_checkpoint ;; esac
   case $step in
     contract|cotenancy|model-tests)
       files=tests/test_vortex_contract.py
@@ -88,6 +91,8 @@ print(standin.write_report(data, logs / 'standin'))" "$LOGS" ;;
 ray, serial = (load_result(f'{sys.argv[1]}/sweep_{way}/sweep.json')['rows'] for way in ('ray', 'serial'))
 print('ray against serial, beyond timing:', content_differences(ray, serial) or 'the same rows')" "$LOGS"
       fi ;;
+    validate)
+      fluxkit -v validate --model "${VALIDATE_MODEL:-$CKPT}" --device cuda --out-root "$LOGS/reports" ${VALIDATE_ARGS:-} ;;
     *.py) python3 "$step" ;;
     *) echo "unknown step $step"; continue ;;
   esac 2>&1 | grep --line-buffered -v "it/s\]\|IPKernelApp\|Loading weights" > "$LOGS/$name.log"

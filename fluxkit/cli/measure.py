@@ -15,17 +15,12 @@ def bench(args: argparse.Namespace) -> int:
         if args.sms:
             raise InputError("--sms times one configuration: drop --baseline and --levers")
         return _side_by_side(args)
-    piece = standin.open_slice(args.sms, args.device) if args.sms else None
-    try:
-        _bench(args, piece)
-    finally:
-        if piece is not None:  # after the model is gone: its blocks were used on the slice's stream
-            standin.close(piece)
+    _bench(args, standin.open_slice(args.sms, args.device) if args.sms else None)
     return 0
 
 
 def _bench(args: argparse.Namespace, piece) -> None:
-    """One configuration timed (on `piece`, an SM slice, where given); the model lives only here."""
+    """One configuration timed, on `piece` (an SM slice) where given."""
     from ..lab import standin
     from ..lab.bench import run_benchmark
     from ..lab.report import to_jsonable, weights_statement

@@ -151,12 +151,9 @@ def beside_vortex(model: str, device: str, quantization: str, placement: str = "
     if sms is None:
         return _beside_vortex(model, device, quantization, placement, calls, prompt, seed)
     piece = standin.open_slice(sms, device)
-    try:
-        with standin.on(piece):
-            row = _beside_vortex(model, device, quantization, placement, calls, prompt, seed)
-        return {**row, "stand_in": piece.to_dict()}
-    finally:
-        standin.close(piece)
+    with standin.on(piece):
+        row = _beside_vortex(model, device, quantization, placement, calls, prompt, seed)
+    return {**row, "stand_in": piece.to_dict()}
 
 
 def _beside_vortex(model: str, device: str, quantization: str, placement: str, calls: int, prompt: str,

@@ -10,9 +10,14 @@ The load and every call must run on the slice's stream: the caching allocator ke
 on the default stream with calls on the slice's ran out of memory under a cap it otherwise kept (H200, 8 SMs, 5.8 GB
 ballast). `torch.cuda.green_contexts` needs torch 2.11 or newer and a driver with green contexts (CUDA 12.4+); the
 split's granularity on an H200 is 8 SMs (asking for 2 or 4 gives 8).
+
+A slice lives until the process exits, as torch's own pooled streams do: a green context destroyed while a tensor
+made on its stream was still alive aborted the process when that tensor was freed ("context is destroyed", status
+134, H200), and a notebook's kernel or a script frees its globals in no set order at exit.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,15 +72,22 @@ def open_slice(sms: int, device: torch.device | str = "cuda") -> SMSlice:
         raise InputError(f"--sms: {reason}")
     device = torch.device("cuda" if device == "auto" else device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        context = torch.cuda.green_contexts.GreenContext.create(sms, index)
-    except (RuntimeError, TypeError) as err:  # a driver without green contexts
-        raise InputError(f"--sms: this driver or card cannot make a green context ({err})") from None
+    context = _green_context(sms, index)
     props = torch.cuda.get_device_properties(index)
     piece = SMSlice(sms, props.name, props.multi_processor_count, context=context, stream=context.Stream())
     with on(piece):
         piece.peaks = measure_peaks(torch.device("cuda", index))
     return piece
+
+
+def _green_context(sms: int, index: int):
+    """A green context of `sms` SMs of GPU `index`, never destroyed (see the module's docstring)."""
+    try:  # by keyword: torch 2.11 takes (num_sms, device_id), torch 2.14 takes them by keyword only
+        context = torch.cuda.green_contexts.GreenContext.create(num_sms=sms, device_id=index)
+    except RuntimeError as err:  # a driver, a build or a card without green contexts
+        raise InputError(f"--sms: this driver or card cannot make a green context ({err})") from None
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(context))  # one reference nothing releases: the driver frees it at exit
+    return context
 
 
 @contextmanager
@@ -118,19 +130,6 @@ def _probe(device: torch.device) -> tuple[float, float]:
         return start.elapsed_time(end) / 1000 / repeats
 
     return timed(lambda: a @ b, GEMM_REPEATS), timed(lambda: dst.copy_(src), COPY_REPEATS)
-
-
-def close(piece: SMSlice) -> None:
-    """Release the slice before the interpreter exits, once nothing made on it is referenced: a green context destroyed
-    while a tensor used on its stream was still alive aborted the process ("context is destroyed", when the tensor
-    was freed and the allocator recorded its event on that stream) after its output was written, on the H200 host."""
-    import gc
-
-    gc.collect()  # a model's reference cycles (modules and their hooks) freed now, while the stream still exists
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    piece.stream = None
-    piece.context = None
 
 
 RTX3060 = {"rtx3060": "PCIe 4.0 x16", "rtx3060-pcie3": "PCIe 3.0 x16"}
