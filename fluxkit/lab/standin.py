@@ -66,7 +66,8 @@ class SMSlice:
 
 
 def open_slice(sms: int, device: torch.device | str = "cuda") -> SMSlice:
-    """A slice of `sms` SMs, its peaks measured; refused with the reason where it cannot be made."""
+    """A slice of `sms` SMs, its peaks measured; refused with the reason where it cannot be made. It is kept until the
+    process exits: open one a process (a stand-in run is one configuration)."""
     reason = refused(sms, device)
     if reason:
         raise InputError(f"--sms: {reason}")
