@@ -242,3 +242,19 @@ def test_a_failing_notebook_is_saved_and_its_report_replaces_the_earlier_one_who
     assert not (out_dir / "vram.json").exists() and "Overall: **fail**" in summary
     assert f"; notebooks not ok: {', '.join(validate_module.NOTEBOOKS)})" in summary
     assert not (out_dir / validate_module.RUN_FILE).exists()
+
+
+def test_the_vram_notebook_plots_a_gpu_run_s_profile(tmp_path):
+    """The profile a GPU run wrote (H200, 2026-12-05) plots: its load has no peak, since a guest's load leaves the
+    process's peak counters to its host, and 01_vram_profile failed on that None there."""
+    from fluxkit.lab import plots
+    from fluxkit.lab.profiling import placement_table
+
+    profile = json.loads((Path(__file__).resolve().parents[1] / "reports" / "H200-2026-12-05b-runs" / "H200-tiny-sms8" / "vram.json").read_text())
+    assert profile["device_memory_available"] and profile["timeline"][0]["peak"] is None
+    plots.placements(placement_table(profile["placements"]), 6.0, tmp_path)
+    plots.weight_bars(profile, tmp_path)
+    plots.memory_timeline(profile, 6.0, tmp_path)
+    plots.drift(profile, 50.0, tmp_path)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"vram_placements.png", "vram_weights.png", "vram_timeline.png",
+                                                        "vram_drift.png"}

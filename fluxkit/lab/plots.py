@@ -60,14 +60,15 @@ def weight_bars(profile: dict, out_dir=None):
 
 
 def memory_timeline(profile: dict, share_gb: float, out_dir=None):
-    """Allocated / reserved / peak per phase against Flux's share of the card."""
+    """Allocated / reserved / peak per phase against Flux's share of the card. A phase without a peak (the load: a
+    guest leaves the process's peak counters to its host) leaves a gap."""
     rows = profile["timeline"]
     fig, ax = plt.subplots(figsize=(8, 4))
     if not profile["device_memory_available"]:
         return _instead(fig, ax, "device memory not measured on CPU", out_dir, "vram_timeline")
     x = np.arange(len(rows))
     for key, style in (("allocated", "o-"), ("reserved", "s--"), ("peak", "^:"), ("peak_reserved", "v-.")):
-        ax.plot(x, [r[key] / GB for r in rows], style, label=key)
+        ax.plot(x, [np.nan if r[key] is None else r[key] / GB for r in rows], style, label=key)
     ax.axhline(share_gb, color="red", label=f"Flux share {share_gb:.1f} GB")
     ax.set_xticks(x, [r["phase"] for r in rows])
     ax.set_ylabel("GB")
