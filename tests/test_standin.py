@@ -1,5 +1,6 @@
-"""The SM-slice stand-in (`fluxkit bench --sms`, fluxkit/lab/standin.py) on the CPU: its checks and refusals, the
-projection's arithmetic with a slice as the target, and the report and plot of the committed stand-in run."""
+"""The SM-slice stand-in (`fluxkit bench --sms`, fluxkit/lab/standin.py): on the CPU its checks and refusals, the
+projection's arithmetic with a slice as the target, and the report and plot of the committed stand-in run; on a GPU,
+a clean exit after a slice."""
 import json
 import subprocess
 import sys

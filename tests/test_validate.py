@@ -250,7 +250,8 @@ def test_the_vram_notebook_plots_a_gpu_run_s_profile(tmp_path):
     from fluxkit.lab import plots
     from fluxkit.lab.profiling import placement_table
 
-    profile = json.loads((Path(__file__).resolve().parents[1] / "reports" / "H200-2026-12-05b-runs" / "H200-tiny-sms8" / "vram.json").read_text())
+    run = Path(__file__).resolve().parents[1] / "reports" / "H200-2026-12-05b-runs" / "H200-tiny-sms8"
+    profile = json.loads((run / "vram.json").read_text())
     assert profile["device_memory_available"] and profile["timeline"][0]["peak"] is None
     plots.placements(placement_table(profile["placements"]), 6.0, tmp_path)
     plots.weight_bars(profile, tmp_path)

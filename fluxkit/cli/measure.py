@@ -10,21 +10,14 @@ from .args import SEED, int_in, json_file, load, model_args, output_file
 def bench(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..lab import standin
+    from ..lab.bench import run_benchmark
+    from ..lab.report import to_jsonable, weights_statement
 
     if args.baseline or args.levers:
         if args.sms:
             raise InputError("--sms times one configuration: drop --baseline and --levers")
         return _side_by_side(args)
-    _bench(args, standin.open_slice(args.sms, args.device) if args.sms else None)
-    return 0
-
-
-def _bench(args: argparse.Namespace, piece) -> None:
-    """One configuration timed, on `piece` (an SM slice) where given."""
-    from ..lab import standin
-    from ..lab.bench import run_benchmark
-    from ..lab.report import to_jsonable, weights_statement
-
+    piece = standin.open_slice(args.sms, args.device) if args.sms else None
     with standin.on(piece):  # the load too: the caching allocator keeps its blocks per stream
         model = load(args)
         result = run_benchmark(model, iterations=args.iterations, warmup=args.warmup, seed=args.seed,
@@ -44,6 +37,7 @@ def _bench(args: argparse.Namespace, piece) -> None:
                 print(f"  RTX 3060 on {link}: P50 {stand_in['rtx3060']['p50_s'][link]:.3f} s, P99 {p99:.3f} s")
     if args.json:
         args.json.write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
+    return 0
 
 
 def _side_by_side(args: argparse.Namespace) -> int:
